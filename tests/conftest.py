@@ -1,0 +1,38 @@
+"""Shared fixtures: one local Ray per test session (2 CPUs, like CI)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HIRL_RAY_DASHBOARD", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 CPUs shared by every Ray test in the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, namespace="hirl_ray",
+                 logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(tmp_path, **overrides):
+    """Overrides for a fit that runs in well under a minute on 2 CPUs."""
+    base = {
+        "data.train_per_class": 10, "data.test_per_class": 5,
+        "model.width": 16, "method.hidden_dim": 64, "method.proj_dim": 32,
+        "hirl.num_clusters": [12, 4], "hirl.warmup_epochs": 1, "hirl.rebuild_every_epochs": 1,
+        "hirl.num_neg_paths": 16, "hirl.kmeans_nredo": 1, "hirl.kmeans_iters": 10,
+        "train.epochs": 3, "train.batch_size": 32, "train.num_workers": 2,
+        "storage.path": str(tmp_path), "storage.name": "run",
+    }
+    base.update(overrides)
+    return base

@@ -1,0 +1,93 @@
+"""Config loader: defaults, strictness, overrides, one-line errors before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hirl_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_equals_embedded_default():
+    assert load_config(ROOT / "experiments" / "default.yaml") == load_config(None)
+
+
+def test_embedded_default_trains_hirl_with_two_workers():
+    cfg = load_config(None)
+    assert cfg.hirl.enabled and cfg.train.num_workers >= 2
+    assert cfg.hirl.warmup_epochs < cfg.train.epochs
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, {"hirl.num_clusters": [30, 10], "train.lr": 0.1})
+    assert load_config(cfg.to_dict()) == cfg
+    assert cfg.hirl.num_clusters == (30, 10) and cfg.train.lr == 0.1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.epoch": 3}, "unknown key train.epoch"),
+    ({"trian": {"epochs": 3}}, "unknown section 'trian'"),
+    ({"train.epochs": "ten"}, "train.epochs must be an integer"),
+    ({"hirl.enabled": "yes"}, "hirl.enabled must be true or false"),
+    ({"hirl.num_clusters": [100, 300, 30]}, "hirl.num_clusters must strictly decrease"),
+    ({"hirl.num_clusters": []}, "hirl.num_clusters must list"),
+    ({"hirl.num_clusters": 5}, "hirl.num_clusters must be a list"),
+    ({"method.name": "moco"}, "method.name must be one of"),
+    ({"train.lr": 0}, "train.lr must be > 0"),
+    ({"hirl.warmup_epochs": 10, "train.epochs": 10}, "hirl.warmup_epochs (10) must be <"),
+    ({"data.name": "imagefolder"}, "data.root is required"),
+])
+def test_bad_values_fail_with_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_cli_style_overrides_parse_yaml_values():
+    assert parse_override("hirl.num_clusters=[30, 10]") == ("hirl.num_clusters", [30, 10])
+    assert parse_override("train.use_gpu=true") == ("train.use_gpu", True)
+    cfg = load_config(None, ["train.epochs=4", "storage.name=x"])
+    assert cfg.train.epochs == 4 and cfg.storage.name == "x"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.epochs")
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 3\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown key train.bogus"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+    assert isinstance(cfg, ExperimentConfig)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("hirl.num_clusters=[5000,10]", "hirl.num_clusters[0]=5000 exceeds the 2400 training"),
+    ("train.bogus=1", "unknown key train.bogus"),
+    ("hirl.num_clusters=[10,30]", "strictly decrease"),
+])
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hirl_ray.cli", "fit", str(ROOT / "experiments" / "default.yaml"),
+         override, f"storage.path={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+    # Nothing was created and Ray never started (no run folder, no Ray session line).
+    assert not (tmp_path / "default").exists()
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
