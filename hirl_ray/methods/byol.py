@@ -1,0 +1,58 @@
+"""BYOL (Grill et al., NeurIPS 2020): online predictor regresses an EMA target's projection."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hirl_ray.config import MethodConfig
+from hirl_ray.methods.base import MethodOutput, SSLMethod, cosine_momentum, ema_update, frozen_copy
+from hirl_ray.models.heads import mlp
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """‖p̄ − z̄‖² = 2 − 2·cos(p, z) with z the (no-grad) target projection (BYOL Eq. 2)."""
+    return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+class BYOL(SSLMethod):
+    """BYOL: online backbone + projector + predictor; target backbone + projector by EMA.
+
+    The loss is symmetrised by summing both directions, L + L̃ (BYOL Sec. 3.1). The target
+    decay follows the cosine schedule τ = 1 − (1 − τ_base)(cos(π·progress) + 1)/2 from
+    ``cfg.momentum`` to 1 (BYOL Sec. 3.2), applied in :meth:`update_target` after every
+    optimiser step. No negatives, so nothing crosses workers; the target's parameters are
+    identical on every rank because the online weights are (DDP) and the update is
+    deterministic.
+    """
+
+    name: ClassVar[str] = "byol"
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+        super().__init__(backbone, feat_dim, cfg)
+        self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.target_backbone = frozen_copy(backbone)
+        self.target_projector = frozen_copy(self.projector)
+
+    def forward(self, views: list[Tensor]) -> MethodOutput:
+        """Each view's online prediction regresses the other view's target projection."""
+        self._check_views(views)
+        b = views[0].shape[0]
+        x = torch.cat(views)
+        h = self.backbone(x)
+        p = self.predictor(self.projector(h))
+        with torch.no_grad():
+            zt = self.target_projector(self.target_backbone(x))
+        loss = byol_loss(p[:b], zt[b:]) + byol_loss(p[b:], zt[:b])
+        return MethodOutput(loss=loss, embedding=h[:b])
+
+    @torch.no_grad()
+    def update_target(self, progress: float) -> None:
+        """EMA of the online network with BYOL's cosine-increasing decay."""
+        tau = cosine_momentum(self.cfg.momentum, progress)
+        ema_update(self.target_backbone, self.backbone, tau)
+        ema_update(self.target_projector, self.projector, tau)

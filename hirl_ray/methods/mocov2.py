@@ -1,0 +1,99 @@
+"""MoCo v2 (Chen et al., 2020; He et al., CVPR 2020): momentum key encoder + queue of keys."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hirl_ray.config import MethodConfig
+from hirl_ray.methods.base import MethodOutput, SSLMethod, ema_update, frozen_copy
+from hirl_ray.models.heads import mlp
+
+
+def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """InfoNCE with a queue of negatives (MoCo Eq. 1).
+
+    L_q = −log exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_{k⁻ ∈ queue} exp(q·k⁻/τ)).
+
+    Args:
+        q: ``(B, D)`` L2-normalised queries.
+        k: ``(B, D)`` L2-normalised positive keys (no grad).
+        queue: ``(K, D)`` L2-normalised negative keys.
+        temperature: τ > 0.
+
+    Returns:
+        Scalar loss averaged over the batch.
+    """
+    q = q.float()
+    pos = (q * k.float()).sum(dim=1, keepdim=True)
+    neg = q @ queue.float().T
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    # The positive is always column 0.
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+class MoCoV2(SSLMethod):
+    """MoCo v2: query encoder (backbone + MLP projector), EMA key encoder, queue, τ = 0.2.
+
+    The loss is symmetrised (each view is once the query, once the key; as in MoCo v3) and
+    both views' keys are enqueued. The key encoder is updated with constant momentum
+    ``cfg.momentum`` in :meth:`update_target`, after the optimiser step, which is the same
+    order as MoCo's "update keys, then encode" at the start of the next step.
+
+    The queue is per worker: keys are not all-gathered across Ray Train workers, so there is
+    no collective in the loss. Note that DDP's default ``broadcast_buffers=True`` copies
+    rank 0's buffers (queue included) to every rank at each forward, so under DDP all ranks
+    in effect use rank 0's queue as negatives; that is harmless (they are still keys from
+    past batches) and keeps the ranks' models identical. There is no shuffle-BN; the key
+    encoder's BN sees both views of the local batch.
+    """
+
+    name: ClassVar[str] = "mocov2"
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+        super().__init__(backbone, feat_dim, cfg)
+        self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
+        self.key_backbone = frozen_copy(backbone)
+        self.key_projector = frozen_copy(self.projector)
+        # Random unit vectors until real keys arrive (as in the official code).
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _keys(self, x: Tensor) -> Tensor:
+        return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor) -> None:
+        """Write ``keys`` into the ring buffer at ``queue_ptr``, wrapping around the end."""
+        size = self.queue.shape[0]
+        keys = keys[-size:]  # more keys than slots: only the newest fit
+        n = keys.shape[0]
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.add_(n).remainder_(size)  # in place, no host sync
+
+    def forward(self, views: list[Tensor]) -> MethodOutput:
+        """Symmetric InfoNCE against the queue, then enqueue this batch's keys."""
+        self._check_views(views)
+        b = views[0].shape[0]
+        h = self.backbone(torch.cat(views))
+        q = F.normalize(self.projector(h), dim=1)
+        k = self._keys(torch.cat(views))
+        queue = self.queue.clone().detach()  # the enqueue below must not alter the graph
+        t = self.cfg.temperature
+        loss = 0.5 * (info_nce_loss(q[:b], k[b:], queue, t) + info_nce_loss(q[b:], k[:b], queue, t))
+        if self.training:
+            self._enqueue(k)
+        return MethodOutput(loss=loss, embedding=h[:b])
+
+    @torch.no_grad()
+    def update_target(self, progress: float) -> None:
+        """Momentum update of the key encoder (MoCo Eq. 2), constant ``cfg.momentum``."""
+        m = self.cfg.momentum
+        ema_update(self.key_backbone, self.backbone, m)
+        ema_update(self.key_projector, self.projector, m)

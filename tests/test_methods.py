@@ -1,0 +1,313 @@
+"""SSL methods and the HIRL wrapper: they learn, gradients reach every trainable parameter
+(the DDP guarantee), target networks follow the EMA, the MoCo queue wraps, checkpoints restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hirl_ray.config import ExperimentConfig, HirlConfig, MethodConfig, ModelConfig
+from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy, semantic_path_loss
+from hirl_ray.methods import METHODS, HirlModel, SSLMethod, build_method
+from hirl_ray.methods.base import cosine_momentum
+from hirl_ray.methods.byol import byol_loss
+from hirl_ray.methods.mocov2 import info_nce_loss
+from hirl_ray.methods.simclr import nt_xent_loss
+from hirl_ray.methods.simsiam import negative_cosine_loss
+from hirl_ray.models import build_backbone
+
+torch.set_num_threads(1)
+
+WIDTH, SIZE, BATCH, N = 16, 16, 32, 64
+FEAT_DIM = 4 * WIDTH
+LEVELS = (8, 4, 2)
+
+
+def make_method(name: str, seed: int = 0, queue_size: int = 48) -> SSLMethod:
+    torch.manual_seed(seed)
+    cfg = MethodConfig(
+        name=name, proj_dim=32, hidden_dim=64, temperature=0.2, momentum=0.9, queue_size=queue_size
+    )
+    backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=WIDTH), SIZE)
+    return METHODS[name](backbone, feat_dim, cfg)
+
+
+def make_model(name: str, hirl: bool = True, seed: int = 0, weight: float = 1.0) -> HirlModel:
+    return HirlModel(make_method(name, seed), len(LEVELS) if hirl else 0, weight, num_neg_paths=20)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Two fixed additive-noise views of 32 structured images, and their dataset indices."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(BATCH, 3, 1, 1, generator=g) * torch.linspace(0, 1, SIZE).view(1, 1, 1, SIZE)
+    base = base + 0.3 * torch.rand(BATCH, 3, SIZE, SIZE, generator=g)
+    views = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
+    return views, torch.arange(5, 5 + BATCH)  # indices into the N-sample hierarchy
+
+
+@pytest.fixture(scope="module")
+def hierarchy() -> PrototypeHierarchy:
+    feats = F.normalize(torch.randn(N, FEAT_DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    return fit_hierarchy(feats, LEVELS, seed=0, niter=10, nredo=1)
+
+
+def train(model: HirlModel, views, index, h, steps: int) -> list[tuple[float, float | None]]:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        out = model(views, index, h, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.update_target((step + 1) / steps)
+        sem = None if out.semantic_loss is None else out.semantic_loss.item()
+        losses.append((out.loss.item(), sem))
+    return losses
+
+
+@pytest.mark.parametrize("hirl", [True, False], ids=["hirl", "plain"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_training_reduces_loss(name: str, hirl: bool, batch, hierarchy) -> None:
+    views, index = batch
+    losses = train(make_model(name, hirl), views, index, hierarchy if hirl else None, steps=20)
+    total = [t for t, _ in losses]
+    assert all(map(lambda v: v == v and abs(v) < 1e4, total)), total
+    assert sum(total[-3:]) / 3 < sum(total[:3]) / 3, total
+    sems = [s for _, s in losses]
+    if hirl:
+        assert sems[-1] < sems[0], sems  # the HIRL heads learn the prototype paths
+    else:
+        assert all(s is None for s in sems)
+
+
+@pytest.mark.parametrize("hirl", [True, False], ids=["hirl", "plain"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_trainable_parameter_gets_a_gradient(name: str, hirl: bool, batch, hierarchy) -> None:
+    views, index = batch
+    # Heads exist in both cases; without a hierarchy they must still get a (zero) gradient,
+    # else DDP(find_unused_parameters=False) fails on the first backward.
+    model = make_model(name, hirl=True)
+    out = model(views, index, hierarchy if hirl else None)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    head_grad = sum(p.grad.abs().sum() for p in model.heads.parameters())
+    assert (head_grad > 0) if hirl else (head_grad == 0)
+    assert (out.semantic_loss is not None) == hirl
+
+
+@pytest.mark.parametrize(
+    "name, online, target",
+    [
+        ("mocov2", ("backbone", "projector"), ("key_backbone", "key_projector")),
+        ("byol", ("backbone", "projector"), ("target_backbone", "target_projector")),
+    ],
+)
+def test_target_network_is_frozen_and_follows_ema(name, online, target, batch) -> None:
+    method = make_method(name)
+    views, _ = batch
+    for o, t in zip(online, target, strict=True):
+        on, tg = getattr(method, o), getattr(method, t)
+        assert all(not p.requires_grad for p in tg.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(on.parameters(), tg.parameters(), strict=True))
+        assert any(k.startswith(f"{t}.") for k in method.state_dict())
+    trainable = {id(p) for p in method.parameters() if p.requires_grad}
+    assert not any(id(p) in trainable for t in target for p in getattr(method, t).parameters())
+
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    method(views).loss.backward()
+    opt.step()
+
+    def gap() -> torch.Tensor:
+        return torch.stack(
+            [
+                (a - b).norm()
+                for o, t in zip(online, target, strict=True)
+                for a, b in zip(
+                    getattr(method, o).parameters(), getattr(method, t).parameters(), strict=True
+                )
+            ]
+        )
+
+    before = gap()
+    assert before.max() > 0  # the step moved the online network away from the target
+    progress = 0.3
+    method.update_target(progress)
+    m = 0.9 if name == "mocov2" else cosine_momentum(0.9, progress)
+    # θ_t' − θ_o = m·(θ_t − θ_o): the target moved toward the online weights by exactly 1 − m.
+    torch.testing.assert_close(gap(), m * before, rtol=1e-4, atol=1e-7)
+
+
+def test_nt_xent_matches_a_literal_loop() -> None:
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    terms = []
+    for i in range(10):
+        j = (i + 5) % 10
+        sims = [torch.exp(z[i] @ z[k] / 0.3) for k in range(10) if k != i]
+        terms.append(-torch.log(torch.exp(z[i] @ z[j] / 0.3) / sum(sims)))
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.3), torch.stack(terms).mean())
+
+
+def test_info_nce_matches_a_literal_loop() -> None:
+    q, k = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(4, 6), dim=1)
+    queue = F.normalize(torch.randn(9, 6), dim=1)
+    terms = []
+    for i in range(4):
+        pos = torch.exp(q[i] @ k[i] / 0.2)
+        terms.append(-torch.log(pos / (pos + sum(torch.exp(q[i] @ n / 0.2) for n in queue))))
+    torch.testing.assert_close(info_nce_loss(q, k, queue, 0.2), torch.stack(terms).mean())
+
+
+def test_regression_losses_values_and_stop_gradient() -> None:
+    p = torch.randn(6, 5)
+    torch.testing.assert_close(byol_loss(p, 3 * p), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(byol_loss(p, -p), torch.tensor(4.0))
+    torch.testing.assert_close(negative_cosine_loss(p, 2 * p), torch.tensor(-1.0))
+    p, z = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    (byol_loss(p, z) + negative_cosine_loss(p, z)).backward()
+    assert z.grad is None and p.grad is not None  # stop-gradient on the target branch
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_loss_is_the_symmetric_loss_of_its_heads(name: str, batch) -> None:
+    """Replay each forward by hand (eval mode, so BN is per-sample and MoCo doesn't enqueue)."""
+    views, _ = batch
+    m = make_method(name).eval()
+    with torch.no_grad():
+        out = m(views).loss
+        h = [m.backbone(v) for v in views]
+        if name == "simclr":
+            z = [m.projector(x) for x in h]
+            expected = nt_xent_loss(z[0], z[1], 0.2)
+        elif name == "mocov2":
+            q = [F.normalize(m.projector(x), dim=1) for x in h]
+            k = [F.normalize(m.key_projector(m.key_backbone(v)), dim=1) for v in views]
+            expected = (
+                info_nce_loss(q[0], k[1], m.queue, 0.2) + info_nce_loss(q[1], k[0], m.queue, 0.2)
+            ) / 2
+        elif name == "simsiam":
+            z = [m.projector(x) for x in h]
+            p = [m.predictor(x) for x in z]
+            expected = (negative_cosine_loss(p[0], z[1]) + negative_cosine_loss(p[1], z[0])) / 2
+        else:
+            p = [m.predictor(m.projector(x)) for x in h]
+            t = [m.target_projector(m.target_backbone(v)) for v in views]
+            expected = byol_loss(p[0], t[1]) + byol_loss(p[1], t[0])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_byol_momentum_schedule_goes_from_base_to_one() -> None:
+    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+
+
+def test_moco_queue_is_a_ring_buffer(batch) -> None:
+    views, _ = batch
+    method = make_method("mocov2", queue_size=20)
+    v = [x[:8] for x in views]  # 8 images × 2 views = 16 keys per step
+    first_keys = method._keys(torch.cat(v))
+    method(v)
+    assert int(method.queue_ptr) == 16
+    torch.testing.assert_close(method.queue[:16], first_keys)
+    tail = method.queue[16:].clone()
+    v2 = [x[8:16] for x in views]
+    keys = method._keys(torch.cat(v2))
+    method(v2)
+    assert int(method.queue_ptr) == 12  # 32 mod 20: wrapped around
+    torch.testing.assert_close(method.queue[16:], keys[:4])
+    torch.testing.assert_close(method.queue[:12], keys[4:])
+    assert not torch.equal(tail, method.queue[16:])
+    # In eval mode nothing is enqueued.
+    method.eval()
+    snapshot = method.queue.clone()
+    method(v)
+    assert torch.equal(snapshot, method.queue) and int(method.queue_ptr) == 12
+
+
+def test_moco_more_keys_than_slots_keeps_the_newest(batch) -> None:
+    views, _ = batch
+    method = make_method("mocov2", queue_size=10)
+    v = [x[:8] for x in views]
+    method.queue_ptr.fill_(3)
+    keys = method._keys(torch.cat(v))
+    method(v)
+    assert int(method.queue_ptr) == 3
+    torch.testing.assert_close(method.queue[3:], keys[6:13])
+    torch.testing.assert_close(method.queue[:3], keys[13:])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_embed_and_embedding_are_backbone_features(name: str, batch) -> None:
+    views, index = batch
+    model = make_model(name).eval()  # eval: BN running stats, so a single view gives equal output
+    with torch.no_grad():
+        expected = model.method.backbone(views[0])
+        assert torch.equal(model.embed(views[0]), expected)
+        assert torch.equal(model.method.embed(views[0]), expected)
+    assert expected.shape == (BATCH, FEAT_DIM)
+    out = model.method(views)
+    assert out.embedding.requires_grad
+    torch.testing.assert_close(out.embedding, expected)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_state_dict_round_trip_restores_targets_and_queue(name: str, batch, hierarchy) -> None:
+    views, index = batch
+    trained = make_model(name, seed=0)
+    train(trained, views, index, hierarchy, steps=3)
+    restored = make_model(name, seed=123)
+    restored.load_state_dict(trained.state_dict())
+    for (k, a), (_, b) in zip(
+        trained.state_dict().items(), restored.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    if name == "mocov2":
+        assert int(restored.method.queue_ptr) == (3 * 2 * BATCH) % 48
+    trained.eval(), restored.eval()
+    with torch.no_grad():
+        a = trained(views, index, hierarchy, torch.Generator().manual_seed(0))
+        b = restored(views, index, hierarchy, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_semantic_loss_is_wired_to_the_heads(batch, hierarchy) -> None:
+    views, index = batch
+    model = make_model("simclr", weight=0.5).eval()  # eval: deterministic BN for the replay
+    out = model(views, index, hierarchy, torch.Generator().manual_seed(7))
+    method_out = model.method(views)
+    z = [F.normalize(head(method_out.embedding), dim=1) for head in model.heads]
+    expected = semantic_path_loss(z, index, hierarchy, 20, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out.semantic_loss, expected.detach())
+    torch.testing.assert_close(out.method_loss, method_out.loss.detach())
+    torch.testing.assert_close(out.loss, method_out.loss + 0.5 * expected)
+    # The level order matters: swapping two heads changes the loss.
+    swapped = semantic_path_loss(
+        [z[1], z[0], z[2]], index, hierarchy, 20, torch.Generator().manual_seed(7)
+    )
+    assert not torch.allclose(swapped, expected)
+
+
+def test_hierarchy_level_mismatch_is_reported(batch, hierarchy) -> None:
+    views, index = batch
+    model = HirlModel(make_method("simclr"), num_levels=2)
+    with pytest.raises(ValueError, match="levels"):
+        model(views, index, hierarchy)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_build_method_and_from_config(name: str) -> None:
+    cfg = ExperimentConfig(model=ModelConfig(width=WIDTH), method=MethodConfig(name=name))
+    method = build_method(cfg)
+    assert isinstance(method, METHODS[name]) and method.feat_dim == FEAT_DIM
+    assert len(HirlModel.from_config(cfg).heads) == len(cfg.hirl.num_clusters)
+    off = ExperimentConfig(
+        model=ModelConfig(width=WIDTH),
+        method=MethodConfig(name=name),
+        hirl=HirlConfig(enabled=False),
+    )
+    assert len(HirlModel.from_config(off).heads) == 0
