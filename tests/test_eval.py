@@ -1,0 +1,277 @@
+"""Tests for hirl_ray.eval: features, weighted kNN, clustering metrics, hierarchy, report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hirl_ray.config import ConfigError
+from hirl_ray.eval import (
+    cluster_accuracy,
+    clustering_scores,
+    dedup_by_index,
+    eval_mode,
+    evaluate,
+    extract_features,
+    hierarchy_consistency,
+    kmeans_labels,
+    knn_accuracy,
+    knn_predict,
+)
+
+torch.set_num_threads(1)
+
+
+def blobs(n_per: int, n_classes: int, dim: int, seed: int, spread: float = 0.1):
+    """Gaussian blobs around random unit centres; returns (x float32, y int64)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(n_classes), n_per)
+    x = centres[y] + spread * rng.normal(size=(y.size, dim))
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+class IndexedImages(Dataset):
+    """Items are (image, dataset index), like data.ViewDataset with an eval transform."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], i
+
+
+# ---------------------------------------------------------------- kNN
+
+
+def test_knn_separated_blobs_is_near_perfect():
+    x, y = blobs(60, 5, 16, seed=0)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:200], perm[200:]
+    acc = knn_accuracy(x[train], y[train], x[test], y[test])
+    assert acc >= 0.99
+
+
+def test_knn_random_labels_is_chance():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1200, 8, generator=g)
+    y = torch.randint(0, 4, (1200,), generator=g)
+    acc = knn_accuracy(x[:800], y[:800], x[800:], y[800:])
+    assert abs(acc - 0.25) < 0.08
+
+
+def test_knn_weighting_overrides_majority_vote():
+    # Query at angle 0. One class-0 neighbour at cosine 1.0, two class-1 neighbours at
+    # cosine 0.5. Majority vote (k=3) says 1; exp(sim/T) weights with T=0.07 give class 0
+    # exp(14.3) vs 2*exp(7.1) for class 1. With a huge T weights are ~equal -> majority.
+    train = torch.tensor([[1.0, 0.0], [0.5, 0.75**0.5], [0.5, -(0.75**0.5)]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    assert knn_predict(train, labels, query, k=3, temperature=0.07).tolist() == [0]
+    assert knn_predict(train, labels, query, k=3, temperature=1e4).tolist() == [1]
+    # k caps at N_train, and with k=1 only the nearest counts.
+    assert knn_predict(train, labels, query, k=50, temperature=1e4).tolist() == [1]
+    assert knn_predict(train, labels, query, k=1, temperature=1e4).tolist() == [0]
+
+
+def test_knn_matches_slow_reference_and_is_chunk_invariant():
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(70, 5, generator=g), torch.randn(23, 5, generator=g)
+    labels = torch.randint(0, 6, (70,), generator=g)
+    k, t = 7, 0.5
+    tn, qn = train / train.norm(dim=1, keepdim=True), test / test.norm(dim=1, keepdim=True)
+    expected = []
+    for q in qn:
+        sims = [(float(q @ r), int(c)) for r, c in zip(tn, labels, strict=True)]
+        sims.sort(key=lambda s: -s[0])
+        score = np.zeros(6)
+        for s, c in sims[:k]:
+            score[c] += np.exp(s / t)
+        expected.append(int(score.argmax()))
+    for chunk in (1, 5, 1024):
+        got = knn_predict(train, labels, test, k=k, temperature=t, chunk_size=chunk)
+        assert got.tolist() == expected
+
+
+def test_knn_rejects_bad_input():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_predict(x, torch.zeros(4, dtype=torch.long), x, temperature=0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        knn_predict(x, torch.tensor([0, 1, -1, 0]), x)
+
+
+# ---------------------------------------------------------------- clustering
+
+
+def test_cluster_accuracy_permuted_labels_is_one():
+    y = np.array([0, 0, 1, 1, 2, 2, 2])
+    assert cluster_accuracy(y, np.array([5, 5, 9, 9, 3, 3, 3])) == 1.0
+
+
+def test_cluster_accuracy_with_more_and_fewer_clusters_than_classes():
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    # 4 clusters, 3 classes. Counts: c0={0:2}, c1={0:1,1:2}, c2={2:1}, c3={2:2}; the best
+    # one-to-one map is c0->0, c1->1, c3->2 (2+2+2 of 8); c2 stays unmatched.
+    y_pred = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    assert cluster_accuracy(y_true, y_pred) == pytest.approx(6 / 8)
+    # 1 cluster, 3 classes: only the largest class can be matched.
+    assert cluster_accuracy(y_true, np.zeros(8, dtype=int)) == pytest.approx(3 / 8)
+
+
+def test_clustering_scores_match_sklearn():
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 4, 50), rng.integers(0, 6, 50)
+    scores = clustering_scores(y_true, y_pred)
+    assert set(scores) == {"nmi", "ari", "acc"}
+    assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred))
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred))
+    assert scores["acc"] == pytest.approx(cluster_accuracy(y_true, y_pred))
+
+
+def test_kmeans_recovers_blobs():
+    x, y = blobs(40, 6, 12, seed=4, spread=0.08)
+    pred = kmeans_labels(x.numpy() * 7.0, k=6, seed=0)  # scale: it must normalise itself
+    assert pred.shape == (240,) and pred.dtype == np.int64
+    assert normalized_mutual_info_score(y.numpy(), pred) > 0.95
+    with pytest.raises(ValueError, match="at least k"):
+        kmeans_labels(x.numpy()[:3], k=6)
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_dedup_by_index_handles_sampler_padding():
+    # Two "shards" padded by repeating indices 3 and 0; index 4 never seen.
+    idx = torch.tensor([3, 0, 1, 2, 3, 0])
+    feats = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    feats[4] += 100  # a differing duplicate: the first occurrence must win
+    out, present = dedup_by_index(feats, idx, num_samples=5)
+    assert present.tolist() == [True, True, True, True, False]
+    assert torch.equal(out[:4], feats[[1, 2, 3, 0]])
+    assert torch.equal(out[4], torch.zeros(2))
+    with pytest.raises(ValueError, match="indices must lie"):
+        dedup_by_index(feats, idx, num_samples=3)
+
+
+def test_extract_features_order_normalisation_and_dedup():
+    x = torch.randn(10, 3, 2, 2)
+    loader = DataLoader(IndexedImages(x), batch_size=4, shuffle=True)
+    embed = lambda b: 3.0 * b.flatten(1)
+    feats, idx = extract_features(embed, loader)
+    assert feats.dtype == torch.float32 and idx.dtype == torch.int64 and feats.shape == (10, 12)
+    assert sorted(idx.tolist()) == list(range(10))
+    assert torch.allclose(feats.norm(dim=1), torch.ones(10))
+    raw, raw_idx = extract_features(embed, loader, normalize=False)
+    ordered, present = dedup_by_index(raw, raw_idx, 10)
+    assert present.all() and torch.allclose(ordered, 3.0 * x.flatten(1))
+
+
+def test_eval_mode_freezes_batchnorm_and_restores_flags():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.BatchNorm1d(8))
+    model.train()
+    model[3].eval()  # a deliberately frozen BN must stay frozen afterwards
+    for _ in range(3):  # give BN non-trivial running statistics
+        model(torch.randn(16, 4) + 2.0)
+    stats = model[1].running_mean.clone()
+    x = torch.randn(6, 4)
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        together = model(torch.cat([x, 10 * torch.randn(6, 4)]))[:6]
+        alone = model(x)
+        assert torch.allclose(together, alone, atol=1e-6)  # batch-composition independent
+    assert torch.equal(model[1].running_mean, stats)
+    assert [m.training for m in model] == [True, True, True, False] and model.training
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("boom")
+    assert model.training and model[1].training  # restored on error too
+
+
+# ---------------------------------------------------------------- hierarchy
+
+
+LABELS = np.stack([np.repeat(np.arange(6), 10), np.repeat(np.arange(6) // 3, 10)], axis=1)
+
+
+def test_hierarchy_consistency_perfect_tree():
+    fine_to_cluster = np.array([4, 2, 0, 5, 1, 3])  # arbitrary cluster ids
+    coarse_to_cluster = np.array([1, 0])
+    parents = [np.zeros(6, dtype=int), np.zeros(2, dtype=int)]  # + a dummy top-level map
+    parents[0][fine_to_cluster] = coarse_to_cluster[np.arange(6) // 3]
+    assign = [fine_to_cluster[LABELS[:, 0]], coarse_to_cluster[LABELS[:, 1]]]
+    out = hierarchy_consistency([torch.tensor(p) for p in parents], assign, LABELS)
+    for key in ("purity/l0_vs_y0", "purity/l0_vs_y1", "purity/l1_vs_y1"):
+        assert out[key] == 1.0
+    assert out["purity/l1_vs_y0"] == pytest.approx(1 / 3)  # a coarse cluster holds 3 fines
+    assert out["path_consistency"] == 1.0 and out["path_accuracy"] == 1.0
+
+
+def test_hierarchy_consistency_shuffled_tree_is_lower():
+    # Fine clusters = fine labels, but the parent map mixes super-classes:
+    # {0, 2, 4} -> A, {1, 3, 5} -> B. A's majority coarse label is 0, B's is 1, so the mapped
+    # paths of fine classes 1 and 4 contradict the true tree: consistency 4/6.
+    parents = [np.array([0, 1, 0, 1, 0, 1])]
+    assign = [LABELS[:, 0], parents[0][LABELS[:, 0]]]
+    out = hierarchy_consistency(parents, assign, LABELS)
+    assert out["purity/l0_vs_y0"] == 1.0
+    assert out["purity/l1_vs_y1"] == pytest.approx(2 / 3)
+    assert out["path_consistency"] == pytest.approx(4 / 6)
+    assert out["path_accuracy"] == pytest.approx(4 / 6)
+    assert hierarchy_consistency(parents, assign, LABELS[:, :0]) == {}
+
+
+# ---------------------------------------------------------------- report
+
+
+def fake_hierarchical_images(n_per: int, seed: int):
+    """4 fine classes in 2 super-classes; fine centres sit near their super-class centre."""
+    rng = np.random.default_rng(seed)
+    coarse_centres = 3.0 * rng.normal(size=(2, 48))
+    fine_centres = coarse_centres[[0, 0, 1, 1]] + 1.0 * rng.normal(size=(4, 48))
+    fine = np.repeat(np.arange(4), n_per)
+    x = fine_centres[fine] + 0.2 * rng.normal(size=(fine.size, 48))
+    labels = np.stack([fine, fine // 2], axis=1)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 3, 4, 4), labels
+
+
+def test_evaluate_end_to_end_two_levels():
+    torch.manual_seed(0)
+    x_tr, y_tr = fake_hierarchical_images(30, seed=5)
+    x_te, y_te = fake_hierarchical_images(15, seed=5)
+    # Shuffled loaders: metrics are only right if features are re-aligned by index.
+    train = DataLoader(IndexedImages(x_tr), batch_size=16, shuffle=True)
+    test = DataLoader(IndexedImages(x_te), batch_size=16, shuffle=True)
+    embed = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48)).train()
+    out = evaluate(embed, train, test, y_tr, y_te, ["fine", "coarse"], k=10, seed=0)
+    expected = {
+        f"{m}/{lvl}" for m in ("knn_acc", "nmi", "ari", "acc") for lvl in ("fine", "coarse")
+    }
+    assert set(out) == expected
+    assert all(isinstance(v, float) for v in out.values())
+    for lvl in ("fine", "coarse"):
+        assert out[f"knn_acc/{lvl}"] > 0.95
+        assert out[f"nmi/{lvl}"] > 0.9 and out[f"acc/{lvl}"] > 0.9 and out[f"ari/{lvl}"] > 0.8
+    assert embed.training and embed[1].training  # evaluation restored train mode
+    assert int(embed[1].num_batches_tracked) == 0  # and BN stats were not touched
+
+
+def test_evaluate_unlabeled_and_mismatched_levels():
+    class Exploding:
+        def __iter__(self):
+            raise AssertionError("loader must not be read for unlabeled data")
+
+    empty = np.zeros((5, 0), dtype=np.int64)
+    assert evaluate(lambda b: b, Exploding(), Exploding(), empty, empty, []) == {}
+    assert evaluate(lambda b: b, Exploding(), Exploding(), empty, empty, ["fine"]) == {}
+    y = np.zeros((5, 2), dtype=np.int64)
+    with pytest.raises(ConfigError, match="level_names"):
+        evaluate(lambda b: b, Exploding(), Exploding(), y, y, ["fine"])
