@@ -1,0 +1,104 @@
+"""Public Python API: ``hirl_ray.fit`` and ``hirl_ray.load_backbone``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hirl_ray.config import ConfigError, ExperimentConfig, load_config
+from hirl_ray.train.evaluate import load_backbone
+
+__all__ = ["FitResult", "fit", "load_backbone", "prepare_run"]
+
+# Keys that change the network or the hierarchy's shape: a run folder trained with other
+# values cannot be resumed with these, so we refuse before touching it.
+_RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"),
+                ("method", "name"), ("method", "proj_dim"), ("method", "hidden_dim"),
+                ("hirl", "enabled"), ("hirl", "num_clusters"), ("data", "name"),
+                ("data", "image_size"))
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    metrics: final evaluation (``knn_acc/<level>``, ``nmi/<level>``, …) and the last
+    epoch's training metrics (``train/…``); checkpoint_path: the final checkpoint folder
+    (give it to :func:`load_backbone`); hierarchy_path: newest prototype snapshot.
+    """
+
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    hierarchy_path: str | None
+    run_dir: str
+
+
+def _check_data(cfg: ExperimentConfig) -> int:
+    """Build the train split once (cheap) to check cluster counts against its size."""
+    from hirl_ray.data import build_dataset
+
+    n = len(build_dataset(cfg.data, "train"))
+    if cfg.train.batch_size > n:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training "
+                          f"samples of data.name={cfg.data.name!r}; lower it")
+    if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
+        raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
+                          f"training samples of data.name={cfg.data.name!r}; lower it")
+    return n
+
+
+def prepare_run(cfg: ExperimentConfig) -> Path:
+    """Create the run folder; refuse to resume a run trained with an incompatible config."""
+    if cfg.storage.path.startswith("s3://"):
+        raise ConfigError("storage.path=s3://… is not supported yet; use a local folder")
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = cfg.to_dict()
+        for section, key in _RESUME_KEYS:
+            a, b = old.get(section, {}).get(key), new[section][key]
+            if a != b:
+                raise ConfigError(
+                    f"{section}.{key}={b!r} differs from {a!r} used by the existing run in "
+                    f"{run_dir}; set storage.name to a new folder to start a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None = None,
+        overrides: Mapping[str, Any] | Iterable[str] | None = None) -> FitResult:
+    """Pretrain with HIRL on Ray Train and evaluate the result.
+
+    Args:
+        config_or_path: an experiment YAML path, a nested dict, an ``ExperimentConfig``,
+            or ``None`` for the embedded default experiment.
+        overrides: ``{"train.epochs": 5}`` or ``["train.epochs=5", ...]``.
+
+    A run folder ``storage.path/storage.name`` that already holds checkpoints is resumed
+    from its newest one; nothing in it is deleted.
+    """
+    cfg = load_config(config_or_path, overrides)
+    num_samples = _check_data(cfg)  # every check above happens before Ray starts
+    run_dir = prepare_run(cfg)
+    from hirl_ray.train.ray_fit import run_fit  # imports Ray
+
+    out = run_fit(cfg, run_dir, num_samples)
+    return FitResult(metrics=out.metrics, checkpoint_path=out.checkpoint_path,
+                     hierarchy_path=out.hierarchy_path, run_dir=out.run_dir)
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """Human summary of the final metrics (grouped per label level)."""
+    lines = []
+    for key in sorted(metrics):
+        if key.startswith(("knn_acc/", "nmi/", "ari/", "acc/", "hierarchy/")):
+            value = metrics[key]
+            lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float)
+                         else f"  {key:<34} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Framework-free training loop: schedules, one epoch of steps, rebuild timing.
+
+Nothing here knows about Ray. The worker function in ``ray_worker.py`` wires these
+pieces to Ray Train; tests and benchmarks drive them directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from hirl_ray.config import HirlConfig
+from hirl_ray.hierarchy import PrototypeHierarchy
+
+
+class HierarchySource(Protocol):
+    """Where the training loop gets the prototype hierarchy from.
+
+    ``poll()`` is called once per step and must be cheap; it may switch to a newer
+    version. ``current`` is ``None`` until the first hierarchy exists (warm-up).
+    """
+
+    @property
+    def current(self) -> PrototypeHierarchy | None: ...
+
+    def poll(self) -> None: ...
+
+
+class StaticHierarchy:
+    """A fixed hierarchy (or none): for tests, benchmarks and HIRL-off runs."""
+
+    def __init__(self, hierarchy: PrototypeHierarchy | None = None) -> None:
+        self.current = hierarchy
+
+    def poll(self) -> None:
+        """Nothing to refresh."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Averages over one epoch on one worker."""
+
+    epoch: int
+    loss: float
+    method_loss: float
+    semantic_loss: float | None
+    semantic_steps: int
+    steps: int
+    samples: int
+    seconds: float
+    lr: float
+    hierarchy_version: int
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Linear warm-up then cosine decay to 0 (as in SimCLR/DINO)."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def is_rebuild_epoch(completed_epochs: int, hirl: HirlConfig, total_epochs: int) -> bool:
+    """Whether the hierarchy is rebuilt once ``completed_epochs`` epochs are done.
+
+    First build when warm-up ends, then every ``rebuild_every_epochs``; never after the
+    last epoch (nothing would train with it). ``completed_epochs == 0`` with no warm-up
+    means: build from the initial network before the first step.
+    """
+    if not hirl.enabled or completed_epochs >= total_epochs:
+        return False
+    since = completed_epochs - hirl.warmup_epochs
+    return since >= 0 and since % hirl.rebuild_every_epochs == 0
+
+
+def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, as MoCo/SimCLR) or AdamW."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                epoch: int, step: int, total_steps: int, base_lr: float, warmup_steps: int,
+                hierarchy: HierarchySource, device: torch.device,
+                scaler: torch.amp.GradScaler | None = None,
+                generator: torch.Generator | None = None,
+                max_steps: int | None = None) -> tuple[EpochStats, int]:
+    """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
+
+    ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
+    called through its wrapper so DDP synchronises gradients.
+    """
+    model.train()
+    inner = unwrap(model)
+    use_amp = scaler is not None and device.type == "cuda"
+    totals = {"loss": 0.0, "method": 0.0, "semantic": 0.0}
+    steps = samples = semantic_steps = 0
+    lr = base_lr
+    start = time.perf_counter()
+    for views, index in loader:
+        hierarchy.poll()
+        h = hierarchy.current
+        lr = cosine_lr(base_lr, step, total_steps, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        views = [v.to(device, non_blocking=True) for v in views]
+        index = index.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            out = model(views, index, h, generator)
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out.loss.backward()
+            optimizer.step()
+        inner.method.update_target(min(1.0, (step + 1) / total_steps))
+        step += 1
+        steps += 1
+        samples += index.shape[0]
+        totals["loss"] += float(out.loss.detach())
+        totals["method"] += float(out.method_loss)
+        if out.semantic_loss is not None:
+            totals["semantic"] += float(out.semantic_loss)
+            semantic_steps += 1
+        if max_steps is not None and steps >= max_steps:
+            break
+    if steps == 0:
+        raise RuntimeError("the training loader yielded no batch: train.batch_size is larger "
+                           "than the worker's share of the dataset; lower train.batch_size")
+    current = hierarchy.current
+    stats = EpochStats(
+        epoch=epoch, loss=totals["loss"] / steps, method_loss=totals["method"] / steps,
+        semantic_loss=totals["semantic"] / semantic_steps if semantic_steps else None,
+        semantic_steps=semantic_steps, steps=steps, samples=samples,
+        seconds=time.perf_counter() - start, lr=lr,
+        hierarchy_version=current.version if current is not None else 0)
+    return stats, step
+
+
+def format_epoch(stats: EpochStats, total_epochs: int, world_size: int,
+                 hierarchy: PrototypeHierarchy | None, building: bool) -> str:
+    """One concise progress line (rank 0 prints it)."""
+    sem = f"{stats.semantic_loss:.3f}" if stats.semantic_loss is not None else "—(warm-up)"
+    if hierarchy is not None:
+        hier = f"v{hierarchy.version} {'/'.join(map(str, hierarchy.num_clusters))}"
+    else:
+        hier = "none yet"
+    if building:
+        hier += " (rebuilding)"
+    return (f"epoch {stats.epoch + 1:>3}/{total_epochs} | loss {stats.loss:.3f} "
+            f"| ssl {stats.method_loss:.3f} | semantic {sem} | hierarchy {hier} "
+            f"| {stats.samples_per_s * world_size:,.0f} samples/s | {stats.seconds:.1f}s")

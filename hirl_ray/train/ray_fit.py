@@ -1,0 +1,119 @@
+"""Driver side of a fit: start Ray and the prototype actor, run the TorchTrainer,
+evaluate the final checkpoint. Called by :func:`hirl_ray.fit` after validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from hirl_ray.config import ExperimentConfig
+from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
+from hirl_ray.hierarchy.snapshot import latest_snapshot
+from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.train.evaluate import evaluate_checkpoint
+from hirl_ray.train.ray_worker import train_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """What the driver hands back to :func:`hirl_ray.fit`."""
+
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    hierarchy_path: str | None
+    run_dir: str
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS``'s cluster if set, else start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"namespace": "hirl_ray", "logging_level": logging.WARNING,
+                              "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+        kwargs["include_dashboard"] = os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1"
+    ray.init(**kwargs)
+
+
+def train_on_ray(cfg: ExperimentConfig, run_dir: Path, num_samples: int,
+                 callbacks: Sequence[Any] = ()) -> None:
+    """Start the prototype actor and fit a TorchTrainer into ``run_dir/train``.
+
+    Resumes from ``run_dir``'s newest checkpoint. ``callbacks`` go to Ray Train's
+    ``RunConfig`` (Tune passes its report callback here).
+    """
+    resume = latest_checkpoint(run_dir)
+    done_epochs = read_meta(resume).epoch if resume is not None else 0
+    if done_epochs >= cfg.train.epochs:
+        return
+    if resume is not None:
+        print(f"[hirl_ray] resuming from {resume} ({done_epochs}/{cfg.train.epochs} epochs)",
+              flush=True)
+    name = actor_name(f"{cfg.storage.name}-{os.getpid()}-{time.time_ns()}")
+    actor = None
+    if cfg.hirl.enabled:
+        actor = start_actor(name, ActorSettings(
+            snapshot_dir=str(run_dir / "hierarchy"), num_clusters=cfg.hirl.num_clusters,
+            num_samples=num_samples, seed=cfg.train.seed, niter=cfg.hirl.kmeans_iters,
+            nredo=cfg.hirl.kmeans_nredo, max_points_per_centroid=cfg.hirl.max_points_per_centroid,
+            use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False),
+            num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "actor_name": name,
+                           "resume_from": str(resume) if resume else None},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(run_dir), callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # Keep Ray Train's per-report INFO lines off the console; our one line per
+            # epoch says what matters.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        trainer.fit()
+    finally:
+        if actor is not None:
+            ray.kill(actor)
+
+
+def final_evaluation(cfg: ExperimentConfig, run_dir: Path) -> FitOutcome:
+    """Evaluate the newest checkpoint in a Ray task (on a GPU when training used one)."""
+    final = latest_checkpoint(run_dir)
+    if final is None:
+        raise RuntimeError(f"training finished without a checkpoint under {run_dir}/train")
+    hierarchy_dir = run_dir / "hierarchy"
+    remote_eval = ray.remote(evaluate_checkpoint).options(
+        num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
+    device = "cuda" if cfg.train.use_gpu else "cpu"
+    metrics = ray.get(remote_eval.remote(str(final), str(hierarchy_dir), device))
+    metrics = {**{f"train/{k}": v for k, v in read_meta(final).metrics.items()}, **metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    snapshot = latest_snapshot(hierarchy_dir)
+    return FitOutcome(metrics=metrics, checkpoint_path=str(final),
+                      hierarchy_path=str(snapshot) if snapshot else None, run_dir=str(run_dir))
+
+
+def run_fit(cfg: ExperimentConfig, run_dir: Path, num_samples: int) -> FitOutcome:
+    """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
+    init_ray()
+    train_on_ray(cfg, run_dir, num_samples)
+    print("[hirl_ray] evaluating the final checkpoint (kNN, clustering per level)…", flush=True)
+    return final_evaluation(cfg, run_dir)

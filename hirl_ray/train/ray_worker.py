@@ -1,0 +1,185 @@
+"""The Ray Train worker function: plain PyTorch with a few marked Ray touch-points."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from hirl_ray.config import ExperimentConfig, from_dict
+from hirl_ray.data import ViewDataset, build_dataset, eval_transform, multi_view_transform
+from hirl_ray.eval.features import eval_mode, extract_features
+from hirl_ray.eval.report import evaluate
+from hirl_ray.methods import build_method
+from hirl_ray.methods.hirl import HirlModel
+from hirl_ray.train.checkpoint import CheckpointMeta, load_state, read_meta, save_checkpoint
+from hirl_ray.train.loop import (
+    StaticHierarchy,
+    build_optimizer,
+    format_epoch,
+    is_rebuild_epoch,
+    train_epoch,
+    unwrap,
+)
+from hirl_ray.train.ray_hierarchy import HierarchyClient
+
+
+def build_model(cfg: ExperimentConfig) -> HirlModel:
+    """Method + per-level HIRL heads (no heads when HIRL is off)."""
+    levels = len(cfg.hirl.num_clusters) if cfg.hirl.enabled else 0
+    return HirlModel(build_method(cfg), num_levels=levels, weight=cfg.hirl.weight,
+                     num_neg_paths=cfg.hirl.num_neg_paths)
+
+
+def _restore(worker_cfg: dict[str, Any]) -> tuple[dict | None, CheckpointMeta | None]:
+    """Ray's checkpoint after a worker failure, else the driver's resume folder."""
+    checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return load_state(d), read_meta(d)
+    path = worker_cfg.get("resume_from")
+    if path:
+        return load_state(path), read_meta(path)
+    return None, None
+
+
+def say(message: str) -> None:
+    """One progress line to the driver's console.
+
+    Ray Train V2 patches ``print`` to tee into its logger, which shows every line
+    twice; writing to the real stdout shows it once.
+    """
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _online_eval_loaders(cfg: ExperimentConfig, train_set) -> dict[str, Any]:
+    """Loaders and labels for rank 0's periodic kNN/NMI (features stay on CPU)."""
+    test_set = build_dataset(cfg.data, "test")
+    tf = eval_transform(cfg.data.image_size)
+    train_view: Any = ViewDataset(train_set, tf)
+    if cfg.eval.max_train_samples and cfg.eval.max_train_samples < len(train_set):
+        # A fixed, seeded subset: the same samples every epoch, comparable across trials.
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        keep = torch.randperm(len(train_set), generator=g)[:cfg.eval.max_train_samples]
+        train_view = Subset(train_view, keep.tolist())
+    return {"train_loader": DataLoader(train_view, batch_size=256),
+            "test_loader": DataLoader(ViewDataset(test_set, tf), batch_size=256),
+            "train_labels": train_set.labels, "test_labels": test_set.labels,
+            "level_names": train_set.level_names}
+
+
+def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
+    """Periodic evaluation every ``eval.every_epochs`` (0 = only the final one, on the driver)."""
+    every = cfg.eval.every_epochs
+    return every > 0 and (completed % every == 0 or completed == cfg.train.epochs)
+
+
+def train_worker(worker_cfg: dict[str, Any]) -> None:
+    """Train one DDP rank; rank 0 prints progress and writes checkpoints."""
+    cfg = from_dict(worker_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+
+    train_set = build_dataset(cfg.data, "train")
+    per_worker = cfg.train.batch_size // world
+    views = ViewDataset(train_set, multi_view_transform(cfg.data.image_size))
+    loader = DataLoader(views, batch_size=per_worker, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.loader_workers,
+                        persistent_workers=cfg.data.loader_workers > 0)
+    loader = ray.train.torch.prepare_data_loader(loader)  # Ray 2: DistributedSampler
+    plain = ViewDataset(train_set, eval_transform(cfg.data.image_size))
+    feature_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(plain, batch_size=max(per_worker, 256), shuffle=False,
+                   num_workers=cfg.data.loader_workers), move_to_device=False)
+
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                                cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    state, meta = _restore(worker_cfg)
+    start_epoch = step = version = 0
+    pending = False
+    if state is not None and meta is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, version = meta.epoch, meta.step, meta.hierarchy_version
+        pending = bool(meta.metrics.get("hierarchy_building"))
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False)  # Ray 3: DDP
+
+    if cfg.hirl.enabled:  # Ray 4: the prototype actor
+        hierarchy: HierarchyClient | StaticHierarchy = HierarchyClient(
+            worker_cfg["actor_name"], device, version, pending)
+    else:
+        hierarchy = StaticHierarchy(None)
+    if rank == 0 and start_epoch:
+        say(f"[hirl_ray] resumed at epoch {start_epoch} (step {step}, hierarchy v{version})")
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = steps_per_epoch * cfg.train.warmup_lr_epochs
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+
+    def rebuild(completed: int) -> None:
+        assert isinstance(hierarchy, HierarchyClient)
+        with eval_mode(unwrap(ddp)):
+            feats, idx = extract_features(unwrap(ddp).embed, feature_loader, device, amp=use_amp)
+        hierarchy.submit(completed, idx, feats)
+        if not cfg.hirl.async_rebuild:
+            hierarchy.wait()
+
+    if start_epoch == 0 and is_rebuild_epoch(0, cfg.hirl, cfg.train.epochs) \
+            and hierarchy.current is None:
+        rebuild(0)
+    eval_inputs: dict[str, Any] | None = None
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats, step = train_epoch(ddp, loader, optimizer, epoch=epoch, step=step,
+                                  total_steps=total_steps, base_lr=cfg.train.lr,
+                                  warmup_steps=warmup_steps, hierarchy=hierarchy,
+                                  device=device, scaler=scaler, generator=generator)
+        if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
+            rebuild(epoch + 1)
+        building = isinstance(hierarchy, HierarchyClient) and hierarchy.building
+        # The version the next epoch starts with (a sync rebuild may have just switched).
+        next_version = hierarchy.current.version if hierarchy.current is not None else 0
+        metrics = {"epoch": epoch + 1, "loss": stats.loss, "ssl_loss": stats.method_loss,
+                   "semantic_loss": stats.semantic_loss if stats.semantic_loss is not None
+                   else float("nan"), "hirl_active": stats.semantic_steps > 0,
+                   "hierarchy_version": stats.hierarchy_version, "lr": stats.lr,
+                   "hierarchy_building": building,
+                   "samples_per_s": stats.samples_per_s * world, "epoch_s": stats.seconds}
+        if rank == 0 and is_eval_epoch(epoch + 1, cfg):
+            # Rank 0 alone, between steps; the others wait in report() below. Keys as in
+            # the final evaluation, e.g. knn_acc/superclass.
+            eval_inputs = eval_inputs or _online_eval_loaders(cfg, train_set)
+            metrics.update(evaluate(unwrap(ddp).embed, device=device, k=cfg.eval.knn_k,
+                                    temperature=cfg.eval.knn_temperature, seed=cfg.train.seed,
+                                    **eval_inputs))
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                say(format_epoch(stats, cfg.train.epochs, world, hierarchy.current, building))
+                save_checkpoint(tmp, model_state=unwrap(ddp).state_dict(),
+                                optimizer_state=optimizer.state_dict(),
+                                scaler_state=scaler.state_dict() if scaler else None,
+                                meta=CheckpointMeta(epoch=epoch + 1, step=step,
+                                                    hierarchy_version=next_version,
+                                                    config=cfg.to_dict(), metrics=metrics))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            # Ray 5: every rank reports (a collective); rank 0 attaches the checkpoint.
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"epoch_{epoch + 1:04d}")

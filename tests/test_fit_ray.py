@@ -1,0 +1,64 @@
+"""End to end on Ray: 2-worker fit with the prototype actor, resume, load_backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hirl_ray
+from hirl_ray.train.checkpoint import find_checkpoints, read_meta
+
+from .conftest import tiny_config
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_two_worker_fit_then_resume_continues_epoch_and_hierarchy(tmp_path):
+    result = hirl_ray.fit(None, tiny_config(tmp_path))
+    run = Path(result.run_dir)
+    first = find_checkpoints(run)
+    assert [read_meta(p).epoch for p in first] == [1, 2, 3]
+    metas = [read_meta(p) for p in first]
+    # Warm-up of 1 epoch, rebuild every epoch: the actor built hierarchies, and HIRL ran.
+    assert metas[-1].hierarchy_version >= 1
+    assert any(m.metrics["hirl_active"] for m in metas)
+    assert result.hierarchy_path and Path(result.hierarchy_path).is_file()
+    for level in ("subclass", "class", "superclass"):
+        assert 0.0 <= result.metrics[f"knn_acc/{level}"] <= 1.0
+        assert f"nmi/{level}" in result.metrics
+    assert json.loads((run / "metrics.json").read_text())["knn_acc/superclass"] == \
+        result.metrics["knn_acc/superclass"]
+    mtimes = {p.name: (p / "state.pt").stat().st_mtime_ns for p in first}
+
+    # Resume with more epochs: continues at epoch 4 with the saved step and hierarchy.
+    resumed = hirl_ray.fit(None, tiny_config(tmp_path, **{"train.epochs": 5}))
+    after = find_checkpoints(run)
+    assert [read_meta(p).epoch for p in after] == [1, 2, 3, 4, 5]
+    assert {p.name: (p / "state.pt").stat().st_mtime_ns for p in after[:3]} == mtimes
+    steps_per_epoch = metas[1].step - metas[0].step
+    fourth = read_meta(after[3])
+    assert fourth.step == metas[-1].step + steps_per_epoch  # not restarted from step 0
+    assert fourth.hierarchy_version >= metas[-1].hierarchy_version
+    assert fourth.metrics["hirl_active"]  # HIRL on from the first resumed step
+    assert resumed.checkpoint_path.endswith("epoch_0005")
+
+    backbone, preprocess = hirl_ray.load_backbone(resumed.checkpoint_path)
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 40), (200, 30, 30))
+    feats = backbone(preprocess(img).unsqueeze(0))
+    assert feats.ndim == 2 and feats.shape[0] == 1 and torch.isfinite(feats).all()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resume_with_incompatible_config_is_refused_without_touching_results(tmp_path):
+    run = tmp_path / "run"
+    hirl_ray.fit(None, tiny_config(tmp_path, **{"train.epochs": 2, "hirl.enabled": False,
+                                                "train.num_workers": 1}))
+    before = sorted(p.name for p in (run / "train").iterdir())
+    with pytest.raises(hirl_ray.ConfigError, match="model.backbone='resnet18' differs"):
+        hirl_ray.fit(None, tiny_config(tmp_path, **{"model.backbone": "resnet18"}))
+    assert sorted(p.name for p in (run / "train").iterdir()) == before

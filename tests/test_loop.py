@@ -1,0 +1,72 @@
+"""Framework-free loop pieces: schedules, rebuild timing, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hirl_ray.config import load_config
+from hirl_ray.train.checkpoint import (
+    CheckpointMeta,
+    find_checkpoints,
+    latest_checkpoint,
+    load_state,
+    read_meta,
+    save_checkpoint,
+)
+from hirl_ray.train.loop import cosine_lr, is_rebuild_epoch
+
+
+def test_cosine_lr_warmup_then_decay_to_zero():
+    assert cosine_lr(1.0, 0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine_lr(1.0, 9, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 10, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    values = [cosine_lr(1.0, s, 100) for s in range(100)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_rebuild_schedule_follows_warmup_and_interval():
+    hirl = load_config(None, {"hirl.warmup_epochs": 2, "hirl.rebuild_every_epochs": 3,
+                              "train.epochs": 12}).hirl
+    due = [e for e in range(13) if is_rebuild_epoch(e, hirl, 12)]
+    assert due == [2, 5, 8, 11]
+    no_warmup = load_config(None, {"hirl.warmup_epochs": 0, "train.epochs": 4,
+                                   "hirl.rebuild_every_epochs": 2}).hirl
+    assert [e for e in range(5) if is_rebuild_epoch(e, no_warmup, 4)] == [0, 2]
+    off = load_config(None, {"hirl.enabled": False}).hirl
+    assert not any(is_rebuild_epoch(e, off, 10) for e in range(10))
+
+
+def _meta(epoch: int) -> CheckpointMeta:
+    return CheckpointMeta(epoch=epoch, step=epoch * 10, hierarchy_version=epoch // 2,
+                          config=load_config(None).to_dict(), metrics={"loss": 1.0 / epoch})
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    for epoch in (1, 2, 10):
+        save_checkpoint(tmp_path / "train" / f"epoch_{epoch:04d}", model_state=model.state_dict(),
+                        optimizer_state=opt.state_dict(), scaler_state=None, meta=_meta(epoch))
+    # A half-written checkpoint (no meta.json) is never picked.
+    (tmp_path / "train" / "epoch_0011").mkdir()
+    (tmp_path / "train" / "epoch_0011" / "state.pt.tmp").write_bytes(b"partial")
+    assert [read_meta(p).epoch for p in find_checkpoints(tmp_path)] == [1, 2, 10]
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and last.name == "epoch_0010"
+    meta = read_meta(last)
+    assert (meta.epoch, meta.step, meta.hierarchy_version) == (10, 100, 5)
+    state = load_state(last)
+    restored = torch.nn.Linear(4, 2)
+    restored.load_state_dict(state["model"])
+    assert torch.equal(restored.weight, model.weight)
+    assert state["optimizer"]["state"][0]["momentum_buffer"].shape == (2, 4)
+
+
+def test_missing_checkpoint_error_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a hirl_ray checkpoint"):
+        read_meta(tmp_path)
+    assert latest_checkpoint(tmp_path) is None
