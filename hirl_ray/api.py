@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config
 from hirl_ray.train.evaluate import load_backbone
 
@@ -51,14 +52,15 @@ def _check_data(cfg: ExperimentConfig) -> int:
     return n
 
 
-def prepare_run(cfg: ExperimentConfig) -> Path:
-    """Create the run folder; refuse to resume a run trained with an incompatible config."""
-    if cfg.storage.path.startswith("s3://"):
-        raise ConfigError("storage.path=s3://… is not supported yet; use a local folder")
-    run_dir = Path(cfg.run_dir).expanduser().resolve()
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
+def prepare_run(cfg: ExperimentConfig) -> str:
+    """Check the run folder (local or ``s3://``) is writable and compatible; save the config.
+
+    Refuses to resume a run trained with an incompatible config, before touching it.
+    """
+    run_dir = storage.resolve(cfg.run_dir)
+    saved = storage.join(run_dir, "config.yaml")
+    if storage.exists(saved):
+        old = yaml.safe_load(storage.read_text(saved)) or {}
         new = cfg.to_dict()
         for section, key in _RESUME_KEYS:
             a, b = old.get(section, {}).get(key), new[section][key]
@@ -66,8 +68,12 @@ def prepare_run(cfg: ExperimentConfig) -> Path:
                 raise ConfigError(
                     f"{section}.{key}={b!r} differs from {a!r} used by the existing run in "
                     f"{run_dir}; set storage.name to a new folder to start a new run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        try:
+            storage.check_writable(run_dir)
+        except PermissionError as e:
+            raise ConfigError(str(e)) from None
+    storage.write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
 
 

@@ -41,13 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Hierarchy         {result.hierarchy_path}")
             print(f"Metrics JSON      {result.run_dir}/metrics.json")
         elif args.command == "eval":
-            from pathlib import Path
-
+            from hirl_ray import storage
             from hirl_ray.train.evaluate import evaluate_checkpoint, resolve_checkpoint
 
             path = resolve_checkpoint(args.checkpoint)
-            run_dir = path.parent.parent
-            metrics = evaluate_checkpoint(path, Path(run_dir) / "hierarchy", args.device)
+            run_dir = path.rstrip("/").rsplit("/", 2)[0]  # <run>/train/epoch_NNNN
+            metrics = evaluate_checkpoint(path, storage.join(run_dir, "hierarchy"), args.device)
             print(json.dumps(metrics, indent=2))
     except (ConfigError, FileNotFoundError) as e:
         print(f"hirl-ray: error: {e}", file=sys.stderr)

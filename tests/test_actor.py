@@ -47,7 +47,7 @@ def test_actor_builds_versions_persists_and_restores(ray_session, tmp_path):
     h2 = ray.get(actor.wait_for_version.remote(2, 60))
     assert h2.version == 2
     snap = latest_snapshot(tmp_path)
-    assert snap is not None and "v000002" in snap.name
+    assert snap is not None and snap.endswith("hierarchy_v000002.pt")
 
     # Kill the actor process; Ray restarts it and __init__ reloads the newest snapshot.
     ray.kill(actor, no_restart=False)

@@ -31,13 +31,13 @@ def test_two_worker_fit_then_resume_continues_epoch_and_hierarchy(tmp_path):
         assert f"nmi/{level}" in result.metrics
     assert json.loads((run / "metrics.json").read_text())["knn_acc/superclass"] == \
         result.metrics["knn_acc/superclass"]
-    mtimes = {p.name: (p / "state.pt").stat().st_mtime_ns for p in first}
+    mtimes = {p: (Path(p) / "state.pt").stat().st_mtime_ns for p in first}
 
     # Resume with more epochs: continues at epoch 4 with the saved step and hierarchy.
     resumed = hirl_ray.fit(None, tiny_config(tmp_path, **{"train.epochs": 5}))
     after = find_checkpoints(run)
     assert [read_meta(p).epoch for p in after] == [1, 2, 3, 4, 5]
-    assert {p.name: (p / "state.pt").stat().st_mtime_ns for p in after[:3]} == mtimes
+    assert {p: (Path(p) / "state.pt").stat().st_mtime_ns for p in after[:3]} == mtimes
     steps_per_epoch = metas[1].step - metas[0].step
     fourth = read_meta(after[3])
     assert fourth.step == metas[-1].step + steps_per_epoch  # not restarted from step 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -209,12 +210,12 @@ def test_snapshot_round_trip_and_latest(planted, tmp_path):
     assert latest_snapshot(tmp_path) is None
     for version in (1, 12, 3):
         path = save_hierarchy(h.with_version(version), tmp_path)
-        assert path == tmp_path / f"hierarchy_v{version:06d}.pt" and path.is_file()
+        assert Path(path) == tmp_path / f"hierarchy_v{version:06d}.pt" and Path(path).is_file()
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write cleaned up after itself
     # A crashed save leaves a temp file with a higher version; it must be ignored.
     (tmp_path / "hierarchy_v000099.pt.1234.tmp").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("x")
-    assert latest_snapshot(tmp_path) == tmp_path / "hierarchy_v000012.pt"
+    assert Path(latest_snapshot(tmp_path)) == tmp_path / "hierarchy_v000012.pt"
 
     loaded = load_hierarchy(latest_snapshot(tmp_path))
     assert isinstance(loaded, PrototypeHierarchy) and loaded.version == 12

@@ -16,16 +16,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from hirl_ray import storage
 from hirl_ray.eval.features import dedup_by_index
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy, fit_hierarchy
-from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy, save_hierarchy
+from hirl_ray.hierarchy.snapshot import (
+    latest_snapshot,
+    load_hierarchy,
+    save_hierarchy,
+    snapshot_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +79,8 @@ class PrototypeActor:
             return latest
         if version == 0:
             return None
-        path = Path(self.settings.snapshot_dir) / f"hierarchy_v{version:06d}.pt"
-        if not path.is_file():
+        path = storage.join(self.settings.snapshot_dir, snapshot_name(version))
+        if not storage.exists(path):
             raise FileNotFoundError(f"hierarchy snapshot v{version} not found at {path}")
         return load_hierarchy(path)
 

@@ -1,19 +1,21 @@
-"""Hierarchy snapshots on the local filesystem.
+"""Hierarchy snapshots on a local folder or an ``s3://`` prefix.
 
 The hierarchy actor saves every rebuild and reloads the newest one in ``__init__``: restarted
 Ray actors do not restore state by themselves (ray PR #32153), and official HIRL recomputes
-clusters on resume instead of restoring them. Writes are atomic (temporary file, then
-``os.replace``) so a crash mid-save never leaves a truncated ``hierarchy_v*.pt`` behind.
+clusters on resume instead of restoring them. Writes are atomic (see
+:func:`hirl_ray.storage.write_bytes`) so a crash mid-save never leaves a truncated
+``hierarchy_v*.pt`` behind.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from hirl_ray import storage
 
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 
@@ -27,36 +29,27 @@ def snapshot_name(version: int) -> str:
     return f"hierarchy_v{version:06d}.pt"
 
 
-def save_hierarchy(h: PrototypeHierarchy, directory: str | Path) -> Path:
+def save_hierarchy(h: PrototypeHierarchy, directory: str | Path) -> str:
     """Write ``h`` to ``directory/hierarchy_v{version:06d}.pt`` atomically.
 
     Args:
         h: The hierarchy (tensors may live on any device; they are saved from CPU).
-        directory: Created if missing.
+        directory: A local folder (created if missing) or an ``s3://`` prefix.
 
     Returns:
-        The path written.
+        The path (or URI) written.
     """
     if h.version < 0:
         raise ValueError(f"save_hierarchy: version must be >= 0, got {h.version}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / snapshot_name(h.version)
+    final = storage.join(directory, snapshot_name(h.version))
     payload = {"format": _FORMAT, "version": h.version}
     for name in _FIELDS:
         payload[name] = [t.detach().cpu() for t in getattr(h, name)]
-    # Same directory as the target so os.replace is a rename, atomic on POSIX; the ".tmp" suffix
-    # keeps it out of latest_snapshot if we die before the rename.
-    fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    # Local: "*.tmp" then os.replace (latest_snapshot ignores *.tmp if we die first);
+    # S3: the object appears only once its upload completes.
+    storage.write_bytes(final, buffer.getvalue())
     return final
 
 
@@ -66,17 +59,15 @@ def load_hierarchy(path: str | Path) -> PrototypeHierarchy:
     Raises:
         ValueError: The file is not a readable hierarchy snapshot (message names the file).
     """
-    path = Path(path)
+    data = storage.read_bytes(str(path))  # FileNotFoundError propagates
     try:
         # weights_only: a snapshot is tensors, ints and lists; never unpickle arbitrary objects.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if payload.get("format") != _FORMAT:
             raise ValueError(f"unknown format {payload.get('format')!r}")
         return PrototypeHierarchy(
             version=int(payload["version"]), **{name: tuple(payload[name]) for name in _FIELDS}
         )
-    except FileNotFoundError:
-        raise
     except Exception as e:  # corrupt pickle, missing key, inconsistent shapes, ...
         raise ValueError(
             f"{path}: not a valid hierarchy snapshot ({e}); delete it so the "
@@ -84,19 +75,16 @@ def load_hierarchy(path: str | Path) -> PrototypeHierarchy:
         ) from e
 
 
-def latest_snapshot(directory: str | Path) -> Path | None:
+def latest_snapshot(directory: str | Path) -> str | None:
     """The snapshot with the highest version in ``directory``, or ``None`` if there is none.
 
     Leftover temporary files from interrupted saves (``*.tmp``) and other files are ignored.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for entry in directory.iterdir():
-        match = _NAME.match(entry.name)
-        if match and entry.is_file():
+    best: tuple[int, str] | None = None
+    for name, is_dir in storage.list_dir(str(directory)):
+        match = _NAME.match(name)
+        if match and not is_dir:
             version = int(match.group(1))
             if best is None or version > best[0]:
-                best = (version, entry)
+                best = (version, storage.join(directory, name))
     return None if best is None else best[1]

@@ -11,21 +11,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
 from hirl_ray.eval.clustering import hierarchy_consistency
 from hirl_ray.eval.report import evaluate
 from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy
 from hirl_ray.models import build_backbone
-from hirl_ray.train.checkpoint import latest_checkpoint, load_state, read_meta
+from hirl_ray.train.checkpoint import META_FILE, latest_checkpoint, load_state, read_meta
 
 BACKBONE_PREFIX = "method.backbone."
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
+def resolve_checkpoint(path: str | Path) -> str:
+    """A checkpoint folder, or a run folder (its newest checkpoint); local or ``s3://``."""
+    path = storage.resolve(path)
+    if storage.exists(storage.join(path, META_FILE)):
         return path
     found = latest_checkpoint(path)
     if found is None:

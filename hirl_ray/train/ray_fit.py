@@ -9,13 +9,13 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
 from hirl_ray.hierarchy.snapshot import latest_snapshot
@@ -48,7 +48,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
-def train_on_ray(cfg: ExperimentConfig, run_dir: Path, num_samples: int,
+def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
                  callbacks: Sequence[Any] = ()) -> None:
     """Start the prototype actor and fit a TorchTrainer into ``run_dir/train``.
 
@@ -66,7 +66,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: Path, num_samples: int,
     actor = None
     if cfg.hirl.enabled:
         actor = start_actor(name, ActorSettings(
-            snapshot_dir=str(run_dir / "hierarchy"), num_clusters=cfg.hirl.num_clusters,
+            snapshot_dir=storage.join(run_dir, "hierarchy"), num_clusters=cfg.hirl.num_clusters,
             num_samples=num_samples, seed=cfg.train.seed, niter=cfg.hirl.kmeans_iters,
             nredo=cfg.hirl.kmeans_nredo, max_points_per_centroid=cfg.hirl.max_points_per_centroid,
             use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False),
@@ -74,7 +74,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: Path, num_samples: int,
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "actor_name": name,
-                           "resume_from": str(resume) if resume else None},
+                           "resume_from": resume},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,
@@ -94,24 +94,25 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: Path, num_samples: int,
             ray.kill(actor)
 
 
-def final_evaluation(cfg: ExperimentConfig, run_dir: Path) -> FitOutcome:
+def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitOutcome:
     """Evaluate the newest checkpoint in a Ray task (on a GPU when training used one)."""
     final = latest_checkpoint(run_dir)
     if final is None:
         raise RuntimeError(f"training finished without a checkpoint under {run_dir}/train")
-    hierarchy_dir = run_dir / "hierarchy"
+    hierarchy_dir = storage.join(run_dir, "hierarchy")
     remote_eval = ray.remote(evaluate_checkpoint).options(
         num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
     device = "cuda" if cfg.train.use_gpu else "cpu"
-    metrics = ray.get(remote_eval.remote(str(final), str(hierarchy_dir), device))
+    metrics = ray.get(remote_eval.remote(final, hierarchy_dir, device))
     metrics = {**{f"train/{k}": v for k, v in read_meta(final).metrics.items()}, **metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    storage.write_text(storage.join(run_dir, "metrics.json"),
+                       json.dumps(metrics, indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)
     return FitOutcome(metrics=metrics, checkpoint_path=str(final),
-                      hierarchy_path=str(snapshot) if snapshot else None, run_dir=str(run_dir))
+                      hierarchy_path=snapshot, run_dir=run_dir)
 
 
-def run_fit(cfg: ExperimentConfig, run_dir: Path, num_samples: int) -> FitOutcome:
+def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int) -> FitOutcome:
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
     train_on_ray(cfg, run_dir, num_samples)

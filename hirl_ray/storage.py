@@ -1,0 +1,162 @@
+"""Results storage on a local folder or ``s3://bucket/prefix`` (pyarrow filesystems).
+
+Ray Train writes its checkpoints through the same pyarrow filesystem layer, so one
+``storage.path`` serves checkpoints, hierarchy snapshots, configs and metrics.
+Credentials come from the standard AWS chain only (environment, shared files,
+instance profile); ``AWS_ENDPOINT_URL`` points at another S3 endpoint (tests use moto).
+Nothing here logs or stores credentials.
+
+Writes are atomic: local files are written to ``*.tmp`` and renamed; an S3 object
+appears only when its upload completes. Transient S3 errors are retried with
+backoff (ray #41137).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow.fs as pafs
+
+T = TypeVar("T")
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for ``scheme://`` URIs (s3, gs, …), False for local paths."""
+    return "://" in str(uri)
+
+
+def join(uri: str | Path, *parts: str) -> str:
+    """Join path parts with ``/`` (works for URIs and local paths)."""
+    out = str(uri).rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def resolve(uri: str | Path) -> str:
+    """Absolute local path (user-expanded) or the URI unchanged."""
+    return str(uri) if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def retry(fn: Callable[[], T], attempts: int = 5, base_delay_s: float = 0.5) -> T:
+    """Call ``fn``, retrying OSErrors (how pyarrow reports S3 faults) with backoff."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if i == attempts - 1:
+                raise
+            time.sleep(base_delay_s * 2**i)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return retry(lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object/file; FileNotFoundError if absent."""
+    fs, path = _fs(uri)
+    if retry(lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retry(read)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic write: tmp file + rename locally, single upload on object stores."""
+    if not is_remote(uri):
+        path = Path(uri).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs, path = _fs(uri)
+
+    def write() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    retry(write)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def list_dir(uri: str) -> list[tuple[str, bool]]:
+    """Direct children as ``(name, is_dir)``; empty if the folder does not exist."""
+    fs, path = _fs(uri)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    infos = retry(lambda: fs.get_file_info(selector))
+    return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
+
+
+def upload_file(local: str | Path, uri: str) -> None:
+    """Copy one local file to ``uri`` (atomically)."""
+    write_bytes(uri, Path(local).read_bytes())
+
+
+def download_dir(uri: str, local: str | Path) -> Path:
+    """Copy a folder (recursively) to a local path."""
+    fs, path = _fs(uri)
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    retry(lambda: pafs.copy_files(path, str(local), source_filesystem=fs,
+                                  destination_filesystem=pafs.LocalFileSystem()))
+    return local
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[Path]:
+    """A local folder with ``uri``'s content: the folder itself if local, else a temp copy."""
+    if not is_remote(uri):
+        yield Path(uri).expanduser()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="hirl_ray_"))
+    try:
+        yield download_dir(uri, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early with one clear line if ``uri`` cannot be written (ray #48187)."""
+    probe = join(uri, ".hirl_ray_write_probe")
+    try:
+        write_bytes(probe, b"ok")
+        fs, path = _fs(probe)
+        retry(lambda: fs.delete_file(path))
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        raise PermissionError(
+            f"storage.path {uri} is not writable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the path, bucket and "
+            "AWS credentials (standard AWS chain)") from None
