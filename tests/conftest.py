@@ -12,8 +12,28 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 torch.set_num_threads(1)
 
 
+S3_SECRET = "hirlTestSecretKey0123456789"
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3 endpoint (moto server) on 127.0.0.1 with fake credentials.
+
+    Started before Ray so that every Ray process inherits ``AWS_ENDPOINT_URL``.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="hirltestkeyid", AWS_SECRET_ACCESS_KEY=S3_SECRET,
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """A local Ray with 2 CPUs shared by every Ray test in the session."""
     import ray
 
