@@ -239,7 +239,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw", "lars"))
     if not 0.0 <= cfg.method.momentum < 1.0:
         raise ConfigError(f"method.momentum must be in [0, 1), got {cfg.method.momentum}")
-    if cfg.data.name != "synthetic" and not cfg.data.root:
+    if cfg.data.name not in ("synthetic", "digits") and not cfg.data.root:
         raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}; "
                           "set it to the dataset's local path")
     k = cfg.hirl.num_clusters

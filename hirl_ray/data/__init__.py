@@ -1,0 +1,95 @@
+"""Datasets and augmentations.
+
+Every dataset is a :class:`HierDataset` whose items are ``(image, index)``; ground-truth labels
+(``labels``, finest level first) are only used for evaluation. Wrap one in :class:`ViewDataset`
+with :func:`multi_view_transform` for pretraining or :func:`eval_transform` for feature
+extraction; ``torch.utils.data.default_collate`` batches both (views become a list of tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hirl_ray.config import ConfigError, DataConfig
+from hirl_ray.data.base import HierDataset, TensorHierDataset, ViewDataset, label_parents
+from hirl_ray.data.transforms import MEAN, STD, eval_transform, multi_view_transform
+
+DATASETS: tuple[str, ...] = ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits")
+SPLITS = ("train", "test")
+
+
+def _synthetic(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.synthetic import SyntheticHierarchy
+
+    n = cfg.train_per_class if split == "train" else cfg.test_per_class
+    return SyntheticHierarchy(split, n_per_leaf=n, image_size=cfg.image_size, seed=cfg.seed)
+
+
+def _imagefolder(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.folder import ImageFolderDataset
+
+    return ImageFolderDataset(str(cfg.root), split)
+
+
+def _npz(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.arrays import npz_dataset
+
+    return npz_dataset(str(cfg.root), split, cfg.image_size, cfg.seed)
+
+
+def _cifar(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.arrays import cifar_dataset
+
+    return cifar_dataset(cfg.name, str(cfg.root), split, cfg.image_size)
+
+
+def _digits(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.arrays import digits_dataset
+
+    return digits_dataset(split, cfg.image_size, cfg.seed)
+
+
+_BUILDERS: dict[str, Callable[[DataConfig, str], HierDataset]] = {
+    "synthetic": _synthetic,
+    "imagefolder": _imagefolder,
+    "npz": _npz,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "digits": _digits,
+}
+assert tuple(_BUILDERS) == DATASETS
+
+
+def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
+    """Build one split of the dataset named by ``cfg.name``.
+
+    Args:
+        cfg: the ``data:`` config section.
+        split: ``"train"`` or ``"test"``.
+
+    Raises:
+        ConfigError: unknown name, missing ``data.root``, or unreadable/ill-shaped data.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if cfg.name not in _BUILDERS:
+        raise ConfigError(f"data.name must be one of {', '.join(DATASETS)}, got {cfg.name!r}")
+    if cfg.name not in ("synthetic", "digits") and not cfg.root:
+        raise ConfigError(
+            f"data.root is required for data.name={cfg.name!r}; set it to the dataset's local path"
+        )
+    return _BUILDERS[cfg.name](cfg, split)
+
+
+__all__ = [
+    "DATASETS",
+    "HierDataset",
+    "TensorHierDataset",
+    "ViewDataset",
+    "build_dataset",
+    "label_parents",
+    "multi_view_transform",
+    "eval_transform",
+    "MEAN",
+    "STD",
+]

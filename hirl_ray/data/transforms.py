@@ -1,0 +1,110 @@
+"""Augmentations for SSL pretraining and the deterministic evaluation transform.
+
+Both accept a uint8 CHW tensor (in-memory datasets) or a PIL image (imagefolder) and return
+plain float tensors normalised with ImageNet statistics. They are classes, not lambdas, so
+they pickle into DataLoader worker processes and Ray Train workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Standard "resize to 256, crop 224" ratio used by ImageNet evaluation protocols.
+CROP_RATIO = 0.875
+
+
+def _to_rgb_image(image: Any) -> torch.Tensor:
+    """PIL image or (C, H, W)/(H, W) tensor -> uint8 3-channel tv_tensors.Image."""
+    out = v2.functional.to_image(image)  # PIL/ndarray/tensor -> Image; no copy for tensors
+    if out.shape[-3] == 1:  # grayscale: replicate so every backbone sees 3 channels
+        out = out.repeat(3, 1, 1)
+    return out
+
+
+class MultiView:
+    """Apply one random augmentation pipeline ``num_views`` times: image -> list of views.
+
+    Follows SimCLR (Chen et al., 2020) / MoCo v2 (Chen et al., 2020): RandomResizedCrop with
+    scale (0.2, 1), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale
+    with p=0.2, and Gaussian blur (p=0.5) only when ``image_size >= 96`` (blur destroys
+    small images; solo-learn and lightly also drop it for CIFAR-sized inputs).
+    """
+
+    def __init__(self, image_size: int, num_views: int = 2, strength: float = 1.0) -> None:
+        if image_size <= 0 or num_views <= 0 or strength < 0:
+            raise ValueError(
+                f"need image_size > 0, num_views > 0, strength >= 0; got "
+                f"{image_size}, {num_views}, {strength}"
+            )
+        self.num_views = num_views
+        s = strength
+        ops: list[Any] = [
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.1 * s))], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+        if image_size >= 96:
+            kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
+            ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+        self.pipeline = v2.Compose(ops)
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        img = _to_rgb_image(image)
+        # as_subclass: plain tensors collate and serialise like any other tensor.
+        return [self.pipeline(img).as_subclass(torch.Tensor) for _ in range(self.num_views)]
+
+
+class EvalTransform:
+    """Deterministic transform for feature extraction (kNN, linear probe, clustering pass).
+
+    Images bigger than ``image_size`` are resized (short side) to ``image_size / 0.875`` and
+    center-cropped, the usual ImageNet protocol; smaller or equal ones are resized to
+    ``image_size`` (short side) and center-cropped, which is a plain resize for square inputs.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be > 0, got {image_size}")
+        self.image_size = image_size
+        self.normalise = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+        )
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        img = _to_rgb_image(image)
+        s = self.image_size
+        if min(img.shape[-2:]) > s:
+            img = v2.functional.resize(img, [int(round(s / CROP_RATIO))], antialias=True)
+        elif tuple(img.shape[-2:]) != (s, s):
+            img = v2.functional.resize(img, [s], antialias=True)
+        img = v2.functional.center_crop(img, [s, s])
+        return self.normalise(img).as_subclass(torch.Tensor)
+
+
+def multi_view_transform(image_size: int, num_views: int = 2, strength: float = 1.0) -> MultiView:
+    """SimCLR/MoCo v2 augmentations producing ``num_views`` views per image.
+
+    Args:
+        image_size: output side length S.
+        num_views: views per image (2 for SimCLR/MoCo/BYOL/SimSiam).
+        strength: scales the colour-jitter strengths (1.0 = the papers' values).
+
+    Returns:
+        A picklable callable: image (uint8 tensor or PIL) -> list of float (3, S, S) tensors.
+    """
+    return MultiView(image_size, num_views, strength)
+
+
+def eval_transform(image_size: int) -> EvalTransform:
+    """Evaluation preprocessing: image (PIL or uint8 tensor) -> normalised float (3, S, S).
+
+    This is what ``load_backbone`` returns as ``preprocess``.
+    """
+    return EvalTransform(image_size)
