@@ -1,0 +1,106 @@
+"""Cluster artefacts: the launcher config, the KubeRay job, and the submit paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hirl_ray.config import load_config
+from hirl_ray.train.checkpoint import find_checkpoints, read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _launcher_validate(config: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_aws_yaml_passes_ray_launcher_validation():
+    config = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
+    _launcher_validate(config)
+    for name, node in config["available_node_types"].items():
+        # S3 access through an instance profile on every node type (ray #3115, #18186).
+        assert "IamInstanceProfile" in node["node_config"], name
+    text = (ROOT / "clusters" / "aws.yaml").read_text()
+    assert "aws_access_key_id" not in text.lower() and "aws_secret" not in text.lower()
+    assert any("[gpu]" in c for c in config["setup_commands"])
+
+
+def test_broken_aws_yaml_is_rejected():
+    import jsonschema
+
+    config = yaml.safe_load((ROOT / "clusters" / "aws.yaml").read_text())
+    config["available_node_types"]["head"]["instance_typo"] = "m5.large"
+    with pytest.raises(jsonschema.ValidationError):
+        _launcher_validate(config)
+
+
+@pytest.mark.parametrize("name", ["imagenet_hirl_mocov2.yaml", "imagenet_hirl_simsiam.yaml"])
+def test_paper_configs_load(name):
+    cfg = load_config(ROOT / "experiments" / name)
+    assert cfg.hirl.num_clusters == (30000, 10000, 1000)
+    assert cfg.model.backbone == "resnet50" and cfg.train.use_gpu
+
+
+def test_kuberay_job_runs_an_existing_experiment():
+    job = yaml.safe_load((ROOT / "clusters" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["hirl-ray", "fit"]
+    experiment = ROOT / argv[2].replace("/home/ray/hirl_ray/", "")
+    cfg = load_config(experiment, argv[3:])
+    assert cfg.storage.path.startswith("s3://")
+
+
+TINY = ["data.train_per_class=10", "data.test_per_class=5", "model.width=16",
+        "method.hidden_dim=64", "method.proj_dim=32", "hirl.num_clusters=[12,4]",
+        "hirl.warmup_epochs=1", "hirl.rebuild_every_epochs=1", "hirl.kmeans_nredo=1",
+        "train.epochs=2", "train.batch_size=32", "train.num_workers=2"]
+
+
+@pytest.mark.slow
+def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
+    """The README's cluster commands, run against a local `ray start --head` cluster."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "RAY_DEDUP_LOGS": "1", "HIRL_RAY_HOME": str(ROOT),
+           # A throwaway loopback cluster: no token (real clusters keep Ray's token auth).
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(VENV_BIN / "ray")
+    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--port=6397",
+                            "--dashboard-port=8297",
+                            "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        # submit.py connects with RAY_ADDRESS=auto, as on the cluster's head node.
+        # What `ray submit clusters/aws.yaml clusters/submit.py fit …` runs on the head node.
+        sub = subprocess.run(
+            [sys.executable, str(ROOT / "clusters" / "submit.py"), "fit",
+             "experiments/default.yaml", *TINY, f"storage.path={tmp_path}",
+             "storage.name=submitted"], capture_output=True, text=True, env=env,
+            timeout=600, cwd=tmp_path)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+        assert [read_meta(p).epoch for p in find_checkpoints(tmp_path / "submitted")] == [1, 2]
+        # `ray job submit --working-dir . -- hirl-ray fit …` against the same cluster.
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8297",
+             "--working-dir", ".", "--", "hirl-ray", "fit", "experiments/default.yaml", *TINY,
+             f"storage.path={tmp_path}", "storage.name=job"],
+            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+        assert "knn_acc/superclass" in metrics
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
