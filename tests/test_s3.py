@@ -67,3 +67,47 @@ def test_fit_on_s3_then_resume_from_s3(bucket, tmp_path):
     for key in keys:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert S3_SECRET.encode() not in body, key
+
+
+def test_imagefolder_dataset_read_from_s3_prefix_and_cached(bucket, tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from hirl_ray.config import load_config
+    from hirl_ray.data import build_dataset
+
+    monkeypatch.setenv("HIRL_RAY_CACHE", str(tmp_path / "cache"))
+    s3 = boto3.client("s3")
+    for split in ("train", "val"):
+        for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.new("RGB", (12, 12), colour).save(buf, format="PNG")
+                s3.put_object(Bucket=bucket, Key=f"datasets/pets/{split}/{cls}/{i}.png",
+                              Body=buf.getvalue())
+    cfg = load_config(None, {"data.name": "imagefolder", "data.root": f"s3://{bucket}/datasets/pets",
+                             "data.image_size": 8}).data
+    train = build_dataset(cfg, "train")
+    assert len(train) == 6 and sorted(set(train.labels[:, 0])) == [0, 1]
+    image, index = train[4]
+    assert index == 4 and image.size == (12, 12)
+    cached = tmp_path / "cache" / "s3" / bucket / "datasets" / "pets"
+    stamp = (cached / "train" / "dog" / "2.png").stat().st_mtime_ns
+    test = build_dataset(cfg, "test")  # the other split: served from the same cached copy
+    assert len(test) == 6
+    assert (cached / "train" / "dog" / "2.png").stat().st_mtime_ns == stamp  # not re-fetched
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(hirl_ray.ConfigError, match="data.root=s3://"):
+        build_dataset(cfg, "test")
+
+
+def test_missing_s3_dataset_prefix_is_one_clear_error(bucket, tmp_path, monkeypatch):
+    from hirl_ray.config import load_config
+    from hirl_ray.data import build_dataset
+
+    monkeypatch.setenv("HIRL_RAY_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, {"data.name": "imagefolder",
+                             "data.root": f"s3://{bucket}/nothing-here"}).data
+    with pytest.raises(hirl_ray.ConfigError, match="holds no objects"):
+        build_dataset(cfg, "train")

@@ -8,6 +8,8 @@ extraction; ``torch.utils.data.default_collate`` batches both (views become a li
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 
 from hirl_ray.config import ConfigError, DataConfig
@@ -78,6 +80,10 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
         raise ConfigError(
             f"data.root is required for data.name={cfg.name!r}; set it to the dataset's local path"
         )
+    if cfg.root and cfg.root.startswith("s3://"):
+        from hirl_ray.data.s3 import localize
+
+        cfg = dataclasses.replace(cfg, root=str(localize(cfg.root)))
     return _BUILDERS[cfg.name](cfg, split)
 
 

@@ -1,0 +1,81 @@
+"""Datasets under an ``s3://bucket/prefix``: downloaded once per node into a local cache.
+
+Every Ray worker on a node calls :func:`localize`; a file lock makes the first one
+download (in parallel threads) while the others wait, and a manifest marks the copy
+complete, so later runs and restarted workers reuse it. Objects whose size changed are
+fetched again. Credentials come from the standard AWS chain (boto3); ``AWS_ENDPOINT_URL``
+selects another endpoint. The cache lives in ``$HIRL_RAY_CACHE`` (default
+``~/.cache/hirl_ray``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hirl_ray.config import ConfigError
+
+MANIFEST = ".hirl_ray_manifest.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HIRL_RAY_CACHE", "~/.cache/hirl_ray")).expanduser()
+
+
+def _list_objects(client, bucket: str, prefix: str) -> dict[str, int]:
+    objects: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                objects[obj["Key"]] = obj["Size"]
+    return objects
+
+
+def localize(uri: str, max_workers: int = 16) -> Path:
+    """Local folder mirroring ``uri`` (``s3://bucket/prefix``); downloads what is missing."""
+    import boto3
+    import botocore.exceptions
+
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+    local = cache_root() / "s3" / bucket / prefix
+    local.mkdir(parents=True, exist_ok=True)
+    client = boto3.client("s3")
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; other workers wait here
+        try:
+            # A folder prefix (ImageFolder layout, or train.npz/test.npz): never a bare file.
+            objects = _list_objects(client, bucket, f"{prefix}/" if prefix else "")
+        except botocore.exceptions.BotoCoreError as e:
+            raise ConfigError(f"data.root={uri}: cannot list the bucket ({e}); check the "
+                              "URI and AWS credentials (standard AWS chain)") from None
+        except botocore.exceptions.ClientError as e:
+            raise ConfigError(f"data.root={uri}: {e.response['Error'].get('Code')}: cannot "
+                              "list it; check the bucket name and IAM permissions") from None
+        if not objects:
+            raise ConfigError(f"data.root={uri} holds no objects; upload the dataset there "
+                              "(ImageFolder layout: train/ and val/ class sub-folders)")
+        manifest_path = local / MANIFEST
+        if manifest_path.is_file() and json.loads(manifest_path.read_text()) == objects:
+            return local
+        todo = []
+        for key, size in objects.items():
+            target = local / key[len(prefix):].lstrip("/")
+            if not (target.is_file() and target.stat().st_size == size):
+                todo.append((key, target))
+
+        def fetch(item: tuple[str, Path]) -> None:
+            key, target = item
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            client.download_file(bucket, key, str(tmp))
+            os.replace(tmp, target)
+
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            list(pool.map(fetch, todo))
+        manifest_path.write_text(json.dumps(objects))
+    return local
