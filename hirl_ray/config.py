@@ -28,7 +28,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where images come from. ``name``: synthetic | imagefolder | npz | cifar10 | cifar100 | digits."""
+    """Where images come from.
+
+    ``name``: synthetic | imagefolder | npz | cifar10 | cifar100 | digits.
+    """
 
     name: str = "synthetic"
     root: str | None = None
@@ -148,8 +151,10 @@ class ExperimentConfig:
         return out
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "hirl": HirlConfig,
-            "train": TrainConfig, "eval": EvalConfig, "storage": StorageConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "method": MethodConfig, "hirl": HirlConfig,
+    "train": TrainConfig, "eval": EvalConfig, "storage": StorageConfig,
+}
 EXTRA_SECTIONS = ("tune",)
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -9,7 +9,6 @@ extraction; ``torch.utils.data.default_collate`` batches both (views become a li
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 
 from hirl_ray.config import ConfigError, DataConfig

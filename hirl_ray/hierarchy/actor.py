@@ -130,8 +130,9 @@ class PrototypeActor:
         start = time.perf_counter()
         try:
             parts = ray.get([ref for pair in shards for ref in pair])
-            indices = torch.cat([torch.as_tensor(p) for p in parts[0::2]]).long()
-            feats = torch.cat([torch.as_tensor(p) for p in parts[1::2]]).float()
+            # np.concatenate copies Ray's read-only zero-copy arrays into one writable array.
+            indices = torch.from_numpy(np.concatenate(parts[0::2])).long()
+            feats = torch.from_numpy(np.concatenate(parts[1::2])).float()
             del parts
             feats, present = dedup_by_index(feats, indices, self.settings.num_samples)
             if not bool(present.all()):

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from hirl_ray import storage
-
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 
 _FORMAT = 1

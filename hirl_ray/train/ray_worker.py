@@ -81,8 +81,19 @@ def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
     return every > 0 and (completed % every == 0 or completed == cfg.train.epochs)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray 2.60 logs every report at INFO through ``logging.getLogger(__file__)`` of its
+    context module, so LoggingConfig(log_level) misses it; silence that logger only."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a later Ray moved it: nothing to silence
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(worker_cfg: dict[str, Any]) -> None:
     """Train one DDP rank; rank 0 prints progress and writes checkpoints."""
+    _quiet_ray_train_reports()
     cfg = from_dict(worker_cfg["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
