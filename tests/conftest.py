@@ -38,7 +38,7 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="hirl_ray",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hirl_ray",
                  logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -43,6 +43,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"namespace": "hirl_ray", "logging_level": logging.WARNING,
                               "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
+        # "local": a stale /tmp/ray/ray_current_cluster from any `ray start` on this machine
+        # must not turn this into a connection to someone else's cluster.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1"
     ray.init(**kwargs)

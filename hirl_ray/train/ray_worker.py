@@ -39,15 +39,26 @@ def build_model(cfg: ExperimentConfig) -> HirlModel:
 
 
 def _restore(worker_cfg: dict[str, Any]) -> tuple[dict | None, CheckpointMeta | None]:
-    """Ray's checkpoint after a worker failure, else the driver's resume folder."""
+    """The newest of Ray's registered checkpoint and the driver's resume folder.
+
+    Ray registers a checkpoint only once every rank has reported it, so after an
+    interruption its latest can lag the newest complete folder on disk; we take
+    whichever has more completed epochs, so no finished epoch is trained twice.
+    """
+    candidates: list[tuple[CheckpointMeta, Any]] = []
     checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            return load_state(d), read_meta(d)
+            candidates.append((read_meta(d), load_state(d)))
     path = worker_cfg.get("resume_from")
     if path:
-        return load_state(path), read_meta(path)
-    return None, None
+        meta = read_meta(path)
+        if not candidates or meta.epoch > candidates[0][0].epoch:
+            candidates = [(meta, load_state(path))]
+    if not candidates:
+        return None, None
+    meta, state = candidates[0]
+    return state, meta
 
 
 def say(message: str) -> None:
