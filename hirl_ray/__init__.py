@@ -1,7 +1,13 @@
 """hirl_ray: HIRL (Hierarchical Image Representation Learning) pretraining on Ray."""
 
-from hirl_ray.api import FitResult, fit, load_backbone
-from hirl_ray.config import ConfigError, ExperimentConfig, load_config
+import logging as _logging
 
-__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "fit", "load_backbone", "load_config"]
+# faiss announces at INFO which SIMD build it loaded, in every Ray worker; keep it quiet.
+_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
+
+from hirl_ray.api import FitResult, TuneResult, fit, load_backbone, tune  # noqa: E402
+from hirl_ray.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+
+__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "TuneResult", "fit", "load_backbone",
+           "load_config", "tune"]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
-"""Public Python API: ``hirl_ray.fit`` and ``hirl_ray.load_backbone``."""
+"""Public Python API: ``hirl_ray.fit``, ``hirl_ray.tune`` and ``hirl_ray.load_backbone``."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +12,10 @@ import yaml
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config
+from hirl_ray.hierarchy.memory import rebuild_memory_warning
 from hirl_ray.train.evaluate import load_backbone
 
-__all__ = ["FitResult", "fit", "load_backbone", "prepare_run"]
+__all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tune"]
 
 # Keys that change the network or the hierarchy's shape: a run folder trained with other
 # values cannot be resumed with these, so we refuse before touching it.
@@ -49,7 +51,21 @@ def _check_data(cfg: ExperimentConfig) -> int:
     if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
         raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
                           f"training samples of data.name={cfg.data.name!r}; lower it")
+    if cfg.hirl.enabled:
+        warning = rebuild_memory_warning(n, _feature_dim(cfg), cfg.hirl.num_clusters)
+        if warning:
+            print(f"[hirl_ray] warning: {warning}", file=sys.stderr, flush=True)
     return n
+
+
+def _feature_dim(cfg: ExperimentConfig) -> int:
+    """The backbone's feature size, from a weightless (meta-device) build."""
+    import torch
+
+    from hirl_ray.models import build_backbone
+
+    with torch.device("meta"):
+        return build_backbone(cfg.model, cfg.data.image_size)[1]
 
 
 def prepare_run(cfg: ExperimentConfig) -> str:
@@ -108,3 +124,44 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
             lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float)
                          else f"  {key:<34} {value}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Outcome of :func:`tune`.
+
+    best_config: the best trial's sampled values (``depth``, ``level0_clusters``, ``shrink_l``,
+    searched keys) and the resulting ``num_clusters``; best_metrics: its last reported metrics;
+    best_checkpoint: its newest checkpoint (give it to :func:`load_backbone`); results: a pandas
+    DataFrame, one row per trial (also ``<sweep_dir>/results.csv``); pareto_front: the
+    non-dominated rows when several metrics are optimised; interrupted: the sweep stopped before
+    all trials finished (continue it with ``resume=True``).
+    """
+
+    best_config: dict[str, Any]
+    best_metrics: dict[str, Any]
+    best_checkpoint: str
+    results: Any  # pandas.DataFrame
+    sweep_dir: str
+    interrupted: bool
+    pareto_front: Any = None
+
+
+def tune(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig,
+         overrides: Mapping[str, Any] | Iterable[str] | None = None,
+         resume: bool = False) -> TuneResult:
+    """Search hierarchy depth, cluster sizes (and more) with Optuna + ASHA on Ray Tune.
+
+    Args:
+        config_or_path: an experiment with a ``tune:`` section (YAML path, dict or config), or
+            an existing sweep folder (with ``resume=True``).
+        overrides: ``{"tune.num_trials": 4}`` or ``["train.epochs=6", ...]``.
+        resume: continue the interrupted sweep in ``storage.path/storage.name``: finished
+            trials are kept, unfinished ones continue from their newest checkpoint.
+
+    Everything (config, search space, data size, sweep folder) is checked before Ray starts.
+    """
+    from hirl_ray.tune.sweep import execute, plan_sweep
+
+    plan = plan_sweep(config_or_path, overrides, resume)
+    return TuneResult(**execute(plan))

@@ -1,4 +1,4 @@
-"""Command line: ``hirl-ray fit|eval experiments/x.yaml key=value ...``."""
+"""Command line: ``hirl-ray fit|eval|tune|report|dashboard experiments/x.yaml key=value ...``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,53 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint or run folder (kNN, NMI per level)")
     ev.add_argument("checkpoint", help="a run folder or one of its train/epoch_* folders")
     ev.add_argument("--device", default="cpu")
+    tu = sub.add_parser("tune", help="search hierarchy depth/cluster sizes (Optuna + ASHA)")
+    tu.add_argument("config", help="experiment YAML with a tune: section (or, with --resume, "
+                    "a sweep folder)")
+    tu.add_argument("overrides", nargs="*", help="section.key=value, e.g. tune.num_trials=4")
+    tu.add_argument("--resume", action="store_true",
+                    help="continue an interrupted sweep; finished trials are not rerun")
+    rp = sub.add_parser("report", help="write <sweep>/report/index.html and PNGs")
+    rp.add_argument("sweep_dir", help="a sweep folder (storage.path/storage.name)")
+    rp.add_argument("--screenshot", action="store_true",
+                    help="also render report/screenshot.png in headless Chromium")
+    db = sub.add_parser("dashboard", help="start optuna-dashboard for a sweep's study")
+    db.add_argument("sweep_dir", help="a sweep folder (storage.path/storage.name)")
+    db.add_argument("--port", type=int, default=8080)
     return p
+
+
+def _tune_main(args: argparse.Namespace) -> int:
+    """``hirl-ray tune|report|dashboard``; Ray/Optuna are imported only here."""
+    if args.command == "tune":
+        from hirl_ray.api import tune
+
+        result = tune(args.config, list(args.overrides), resume=args.resume)
+        table = result.results
+        cols = [c for c in ("trial_id", "num_clusters", "epochs_trained", "stopped_early")
+                if c in table.columns]
+        cols += [c for c in table.columns if c.startswith(("knn_acc/", "nmi/", "label_free/"))]
+        print(table[cols].to_string(index=False))
+        print(f"\nBest configuration  {result.best_config}")
+        print(f"Best checkpoint     {result.best_checkpoint}")
+        print(f"Sweep folder        {result.sweep_dir}  (results.csv, optuna.db, tune/)")
+        print(f"Report              hirl-ray report {result.sweep_dir}")
+        if result.interrupted:
+            print(f"Interrupted: continue with  hirl-ray tune --resume {result.sweep_dir}")
+    elif args.command == "report":
+        from hirl_ray.tune.report import write_report
+
+        path = write_report(args.sweep_dir)
+        print(f"Report written: {path}  (open file://{path})")
+        if args.screenshot:
+            from hirl_ray.tune.report import screenshot
+
+            print(f"Screenshot: {screenshot(path, path.parent / 'screenshot.png')}")
+    else:
+        from hirl_ray.tune.dashboard import serve_dashboard
+
+        serve_dashboard(args.sweep_dir, port=args.port)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Final checkpoint  {result.checkpoint_path}")
             print(f"Hierarchy         {result.hierarchy_path}")
             print(f"Metrics JSON      {result.run_dir}/metrics.json")
+        elif args.command in ("tune", "report", "dashboard"):
+            return _tune_main(args)
         elif args.command == "eval":
             from hirl_ray import storage
             from hirl_ray.train.evaluate import evaluate_checkpoint, resolve_checkpoint

@@ -1,0 +1,183 @@
+"""From a :class:`TuneSpec` to trials: hierarchy sizes, Optuna define-by-run, grid, overrides.
+
+No Ray here; Optuna is only touched through the ``trial`` object handed to
+:class:`DefineByRun`, so the maths of the space is testable without either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hirl_ray.config import ConfigError, ExperimentConfig, load_config
+from hirl_ray.tune.space import LEVEL_METRICS, Choice, Range, TuneSpec
+
+
+def cluster_sizes(depth: int, level0: int, shrink: Sequence[float]) -> tuple[int, ...]:
+    """``(K_0, ..., K_{depth-1})`` from the level-0 size and per-level shrink ratios.
+
+    ``K_l = round(r_l * K_{l-1})`` clamped to ``[depth - l + 1, K_{l-1} - 1]``: strictly
+    decreasing (HIRL's levels cluster the centroids below, so ``K_l < K_{l-1}``) and with
+    room for every remaining level to keep >= 2 clusters. Needs ``level0 >= depth + 1``,
+    which :func:`hirl_ray.tune.space.parse_tune_spec` guarantees for the whole space.
+    """
+    if level0 < depth + 1 and depth > 1:
+        raise ValueError(f"level0={level0} leaves no room for {depth} decreasing levels")
+    sizes = [int(level0)]
+    for level in range(1, depth):
+        want = int(round(float(shrink[level - 1]) * sizes[-1]))
+        sizes.append(min(sizes[-1] - 1, max(depth - level + 1, want)))
+    return tuple(sizes)
+
+
+def shrink_name(level: int) -> str:
+    """Optuna parameter name of the level-``level`` shrink ratio (``level >= 1``)."""
+    return f"shrink_{level}"
+
+
+def sizes_from_params(params: Mapping[str, Any]) -> tuple[int, ...]:
+    """Cluster sizes of a sampled trial (``depth``, ``level0_clusters``, ``shrink_l``)."""
+    depth = int(params["depth"])
+    return cluster_sizes(depth, int(params["level0_clusters"]),
+                         [float(params[shrink_name(lv)]) for lv in range(1, depth)])
+
+
+def _suggest(trial: Any, name: str, dist: Range | Choice) -> Any:
+    if isinstance(dist, Choice):
+        return trial.suggest_categorical(name, list(dist.values))
+    if dist.is_int:
+        return trial.suggest_int(name, int(dist.min), int(dist.max), log=dist.log)
+    return trial.suggest_float(name, float(dist.min), float(dist.max), log=dist.log)
+
+
+class DefineByRun:
+    """Optuna define-by-run space: depth first, then only the shrink ratios that depth uses.
+
+    Conditional on depth (Optuna's define-by-run style): a depth-2 trial never samples
+    ``shrink_2``, so TPE does not learn from values that had no effect. Picklable (the
+    searcher is saved in Tune's experiment state and must survive ``Tuner.restore``).
+    """
+
+    def __init__(self, spec: TuneSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        s = self.spec.space
+        depth = _suggest(trial, "depth", s.depth)
+        level0 = _suggest(trial, "level0_clusters", s.level0_clusters)
+        ratios = [_suggest(trial, shrink_name(lv), s.shrink) for lv in range(1, depth)]
+        for key, dist in self.spec.params:
+            _suggest(trial, key, dist)
+        # Constant, derived values go into Tune's config (results table) but not into Optuna.
+        return {"num_clusters": list(cluster_sizes(depth, level0, ratios))}
+
+
+def _axis(dist: Range | Choice, n: int) -> list[Any]:
+    if isinstance(dist, Choice):
+        return list(dist.values)
+    if dist.log:
+        vals = np.exp(np.linspace(math.log(dist.min), math.log(dist.max), n))
+    else:
+        vals = np.linspace(dist.min, dist.max, n)
+    if dist.is_int:
+        return sorted({int(round(v)) for v in vals})
+    return [float(v) for v in vals]
+
+
+def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
+    """Every point of the full grid over the same space (``searcher.grid_points`` per axis).
+
+    One shared shrink ratio per grid point (``shrink_l`` equal for all levels) keeps the grid
+    the same size for every depth; used by the grid baseline of the benchmark.
+    """
+    s, n = spec.space, spec.searcher.grid_points
+    axes = [_axis(s.depth, s.depth.max - s.depth.min + 1 if s.depth.is_int else n),
+            _axis(s.level0_clusters, n), _axis(s.shrink, n),
+            *[_axis(d, n) for _, d in spec.params]]
+    out = []
+    for depth, k0, r, *rest in itertools.product(*axes):
+        point: dict[str, Any] = {"depth": depth, "level0_clusters": k0}
+        point.update({shrink_name(lv): r for lv in range(1, depth)})
+        point.update({k: v for (k, _), v in zip(spec.params, rest, strict=True)})
+        point["num_clusters"] = list(sizes_from_params(point))
+        out.append(point)
+    # Depth 1 has no shrink ratio: drop the duplicates the shrink axis created.
+    unique = {repr(sorted((k, v) for k, v in p.items() if k != "num_clusters")): p for p in out}
+    return list(unique.values())
+
+
+def fixed_overrides(spec: TuneSpec, sweep_dir: str, trial_id: str) -> dict[str, Any]:
+    """Overrides every trial gets: its own run folder, resources, per-epoch evaluation.
+
+    ``eval.every_epochs=1`` because ASHA needs the metric after every epoch.
+    """
+    r = spec.resources
+    return {"storage.path": f"{sweep_dir}/trials", "storage.name": trial_id,
+            "train.num_workers": r.workers_per_trial, "train.cpus_per_worker": r.cpus_per_worker,
+            "train.use_gpu": r.gpus_per_worker > 0, "eval.every_epochs": 1,
+            "eval.max_train_samples": spec.eval_max_train_samples}
+
+
+def trial_overrides(spec: TuneSpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Config overrides of one sampled trial (cluster sizes plus the searched keys)."""
+    out: dict[str, Any] = {"hirl.num_clusters": list(sizes_from_params(params))}
+    out.update({key: params[key] for key, _ in spec.params})
+    return out
+
+
+def _corners(spec: TuneSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Extreme points that together touch every bound of the space."""
+    s = spec.space
+    lo_k0 = int(s.level0_clusters.min)
+    deepest = {"depth": int(s.depth.max), "level0_clusters": lo_k0,
+               **{shrink_name(lv): s.shrink.min for lv in range(1, int(s.depth.max))}}
+    widest = {"depth": int(s.depth.min), "level0_clusters": int(s.level0_clusters.max),
+              **{shrink_name(lv): s.shrink.max for lv in range(1, int(s.depth.min))}}
+    low = {key: d.values[0] if isinstance(d, Choice) else d.min for key, d in spec.params}
+    out = [("tune.space.depth.max", {**deepest, **low}),
+           ("tune.space.level0_clusters.max", {**widest, **low})]
+    for key, dist in spec.params:
+        values = dist.values if isinstance(dist, Choice) else (dist.min, dist.max)
+        for v in values:
+            out.append((f"tune.space.params.{key}", {**widest, **low, key: v}))
+    return out
+
+
+def check_against(spec: TuneSpec, cfg: ExperimentConfig, num_samples: int,
+                  level_names: Sequence[str]) -> None:
+    """Checks that need the base experiment and the data (run before Ray starts).
+
+    Every corner of the space must give a valid experiment; cluster sizes must not exceed
+    the training samples; ASHA's grace period must outlast the HIRL warm-up (FIELD_NOTES:
+    otherwise trials are judged before HIRL starts) and leave epochs to stop early.
+    """
+    if spec.space.level0_clusters.max > num_samples:
+        raise ConfigError(f"tune.space.level0_clusters.max={int(spec.space.level0_clusters.max)} "
+                          f"exceeds the {num_samples} training samples; lower it")
+    for m in spec.metrics:
+        prefix, _, level = m.partition("/")
+        if prefix in LEVEL_METRICS and level not in level_names:
+            have = ", ".join(level_names) or "none (unlabelled data: use label_free/silhouette)"
+            raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")
+    base = {"hirl.enabled": True, **fixed_overrides(spec, cfg.storage.path, "check")}
+    warmups = [cfg.hirl.warmup_epochs]
+    for where, point in _corners(spec):
+        overrides = {**base, **trial_overrides(spec, point)}
+        try:
+            trial_cfg = load_config(cfg, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: a trial at {point} would be invalid: {e}") from None
+        warmups.append(trial_cfg.hirl.warmup_epochs)
+    sched = spec.scheduler
+    if sched.name == "asha":
+        if sched.grace_period <= max(warmups):
+            raise ConfigError(f"tune.scheduler.grace_period ({sched.grace_period}) must exceed "
+                              f"the largest hirl.warmup_epochs ({max(warmups)}), or ASHA judges "
+                              "trials before HIRL starts")
+        if sched.grace_period >= cfg.train.epochs:
+            raise ConfigError(f"tune.scheduler.grace_period ({sched.grace_period}) must be < "
+                              f"train.epochs ({cfg.train.epochs}) or ASHA never stops a trial")

@@ -1,0 +1,144 @@
+"""One Tune trial = one Ray Train V2 run: the Tune function, and the callbacks that wire them.
+
+Train V2 + Tune (ray PR #49927): a Tune *function* builds the trial's experiment and fits a
+``TorchTrainer`` through :func:`hirl_ray.train.ray_fit.train_on_ray`; a Train callback on the
+controller forwards rank 0's per-epoch metrics to Tune, where ASHA sees them. Two of our own
+additions:
+
+* :class:`ReportToTune` also adds the label-free metric and the checkpoint path to each report.
+* A Tune-stopped Train V2 trial may keep its placement group (ray #54305; Ray's own cleaner needs
+  the dashboard's State API and dies without it): :class:`RecordPlacementGroup` writes the run's
+  placement group id into the trial folder and :class:`FreeStoppedTrials` removes it on the
+  driver when Tune ends the trial, so the next trial gets the CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from hirl_ray.config import from_dict
+from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.tune.sampling import fixed_overrides, trial_overrides
+from hirl_ray.tune.space import TuneSpec
+
+log = logging.getLogger(__name__)
+PG_FILE = "placement_group.txt"
+
+
+class ReportToTune(TuneReportCallback):
+    """Tune's report callback plus ``label_free/silhouette`` and ``checkpoint_path``.
+
+    Runs on the Train controller after every ``ray.train.report``; only rank 0's metrics reach
+    Tune (ray PR #49927), which is the rank that evaluates.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self._config = config
+        self._scorer: Any = None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        metrics = [dict(m) for m in metrics]
+        if checkpoint is not None:
+            # Always computed (cheap: k-means on the held-out split) so the report can show it
+            # next to kNN, whichever metric the sweep optimises.
+            metrics[0].update(score_label_free(self._config, checkpoint.path, self))
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def score_label_free(config: dict[str, Any], checkpoint: str, holder: Any = None
+                     ) -> dict[str, float]:
+    """``label_free/silhouette`` of a checkpoint (the scorer is cached on ``holder``)."""
+    import torch
+
+    from hirl_ray.tune.label_free import LabelFreeScorer
+
+    torch.set_num_threads(1)  # the Train controller reserves no CPU of its own
+    scorer = getattr(holder, "_scorer", None)
+    if scorer is None:
+        scorer = LabelFreeScorer(from_dict(config))
+        if holder is not None:
+            holder._scorer = scorer
+    return scorer(checkpoint)
+
+
+class RecordPlacementGroup(WorkerGroupCallback):
+    """Writes the worker group's placement group id to ``<run>/placement_group.txt``."""
+
+    def __init__(self, run_dir: str) -> None:
+        self._path = Path(run_dir) / PG_FILE
+
+    def after_worker_group_start(self, worker_group) -> None:
+        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        self._path.write_text(pg.id.hex())
+
+
+def free_placement_group(run_dir: Path) -> bool:
+    """Remove the run's recorded placement group if it still holds resources."""
+    path = run_dir / PG_FILE
+    if not path.is_file():
+        return False
+    pg_hex = path.read_text().strip()
+    state = ray.util.placement_group_table().get(pg_hex, {}).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+    print(f"[hirl_ray] freed the Train workers of ended trial {run_dir.name} "
+          "(placement group left behind, ray #54305)", flush=True)
+    return True
+
+
+class FreeStoppedTrials(ray.tune.Callback):
+    """Driver-side Tune callback: free a finished/stopped trial's Train resources (#54305)."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.freed: list[str] = []
+
+    def _free(self, trial) -> None:
+        try:
+            if free_placement_group(self.sweep_dir / "trials" / trial.trial_id):
+                self.freed.append(trial.trial_id)
+        except Exception as e:  # never let cleanup break the sweep
+            log.warning("could not free resources of trial %s: %s", trial.trial_id, e)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._free(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._free(trial)
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneSpec, sweep_dir: str,
+              num_samples: int) -> None:
+    """The Tune function: one HIRL fit with the sampled ``params`` (see module docstring).
+
+    Each trial trains in ``<sweep>/trials/<trial_id>``; a restored sweep reruns an interrupted
+    trial there, and :func:`train_on_ray` resumes it from its newest checkpoint.
+    """
+    from hirl_ray.api import prepare_run
+    from hirl_ray.train.ray_fit import train_on_ray
+
+    params = params.get("grid_point", params)  # the grid searcher nests its point
+    trial_id = ray.tune.get_context().get_trial_id()
+    overrides = {**trial_overrides(spec, params), **fixed_overrides(spec, sweep_dir, trial_id)}
+    cfg = from_dict(base, overrides)
+    run_dir = prepare_run(cfg)  # local: sweeps refuse s3:// storage up front
+    (Path(run_dir) / "params.json").write_text(json.dumps(params, indent=2, default=str))
+    done = latest_checkpoint(run_dir)
+    if done is not None and read_meta(done).epoch >= cfg.train.epochs:
+        # Finished before an interruption but Tune never heard: report its last epoch.
+        ray.tune.report({**read_meta(done).metrics, "checkpoint_path": str(done),
+                         **score_label_free(cfg.to_dict(), str(done))})
+        return
+    train_on_ray(cfg, run_dir, num_samples,
+                 callbacks=[ReportToTune(cfg.to_dict()), RecordPlacementGroup(run_dir)])
