@@ -7,9 +7,9 @@ import json
 import os
 import shlex
 import signal
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
