@@ -108,11 +108,15 @@ def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
         assert [read_meta(p).epoch for p in find_checkpoints(tmp_path / "submitted")] == [1, 2]
         # `ray job submit --working-dir . -- hirl-ray fit …` against the same cluster.
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8297",
-             "--working-dir", ".", "--", "hirl-ray", "fit", "experiments/default.yaml", *TINY,
-             f"storage.path={tmp_path}", "storage.name=job"],
-            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        for _ in range(30):  # the dashboard's job agent may still be starting
+            job = subprocess.run(
+                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8297",
+                 "--working-dir", ".", "--", "hirl-ray", "fit", "experiments/default.yaml",
+                 *TINY, f"storage.path={tmp_path}", "storage.name=job"],
+                capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
         assert "knn_acc/superclass" in metrics

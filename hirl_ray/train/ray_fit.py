@@ -76,8 +76,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "actor_name": name,
-                           "resume_from": resume},
+        train_loop_config={"config": cfg.to_dict(), "actor_name": name, "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,

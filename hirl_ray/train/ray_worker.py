@@ -19,7 +19,13 @@ from hirl_ray.eval.features import eval_mode, extract_features
 from hirl_ray.eval.report import evaluate
 from hirl_ray.methods import build_method
 from hirl_ray.methods.hirl import HirlModel
-from hirl_ray.train.checkpoint import CheckpointMeta, load_state, read_meta, save_checkpoint
+from hirl_ray.train.checkpoint import (
+    CheckpointMeta,
+    find_checkpoints,
+    load_state,
+    read_meta,
+    save_checkpoint,
+)
 from hirl_ray.train.loop import (
     StaticHierarchy,
     build_optimizer,
@@ -38,27 +44,29 @@ def build_model(cfg: ExperimentConfig) -> HirlModel:
                      num_neg_paths=cfg.hirl.num_neg_paths)
 
 
-def _restore(worker_cfg: dict[str, Any]) -> tuple[dict | None, CheckpointMeta | None]:
-    """The newest of Ray's registered checkpoint and the driver's resume folder.
+def _restore(run_dir: str) -> tuple[dict | None, CheckpointMeta | None]:
+    """The newest loadable checkpoint: Ray's registered one or a newer one in ``run_dir``.
 
-    Ray registers a checkpoint only once every rank has reported it, so after an
-    interruption its latest can lag the newest complete folder on disk; we take
-    whichever has more completed epochs, so no finished epoch is trained twice.
+    Ray registers a checkpoint only after every rank reported it and the controller
+    processed the report, so after a failure or Ctrl-C its latest can lag the newest
+    complete folder on disk by an epoch or two (ray #46814); a new driver also starts
+    with none (ray #45516). A folder whose upload was cut short fails to load and the
+    next older one is tried.
     """
-    candidates: list[tuple[CheckpointMeta, Any]] = []
+    registered: tuple[dict, CheckpointMeta] | None = None
     checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            candidates.append((read_meta(d), load_state(d)))
-    path = worker_cfg.get("resume_from")
-    if path:
+            registered = (load_state(d), read_meta(d))
+    for path in reversed(find_checkpoints(run_dir)):
         meta = read_meta(path)
-        if not candidates or meta.epoch > candidates[0][0].epoch:
-            candidates = [(meta, load_state(path))]
-    if not candidates:
-        return None, None
-    meta, state = candidates[0]
-    return state, meta
+        if registered is not None and meta.epoch <= registered[1].epoch:
+            break
+        try:
+            return load_state(path), meta
+        except Exception as e:  # truncated by the failure: fall back to an older one
+            logging.getLogger(__name__).warning("skipping unreadable checkpoint %s: %s", path, e)
+    return registered if registered is not None else (None, None)
 
 
 def say(message: str) -> None:
@@ -129,7 +137,7 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
                                 cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    state, meta = _restore(worker_cfg)
+    state, meta = _restore(worker_cfg["run_dir"])
     start_epoch = step = version = 0
     pending = False
     if state is not None and meta is not None:
