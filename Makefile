@@ -19,6 +19,10 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -e '.[test]'
 	touch $(VENV)/.installed $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test,bench]'
+	touch $(VENV)/.installed $(VENV)/.installed-test $@
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
@@ -34,10 +38,11 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install-test
+## Benchmarks: side-by-side ratios, JSON in experiments/bench/results/ (bench-quick: ≤10 min).
+bench: $(VENV)/.installed-bench
 	$(PY) -m experiments.bench.run
 
-bench-quick: install-test
+bench-quick: $(VENV)/.installed-bench
 	$(PY) -m experiments.bench.run --quick
 
 lint: install-test

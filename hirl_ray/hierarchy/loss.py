@@ -16,6 +16,7 @@ positive term is used. ``z_l`` must already be L2-normalised (the projection hea
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -82,6 +83,73 @@ def _combine(pos_terms: Tensor, neg_terms: Tensor | None, neg_mask: Tensor | Non
     return (pos_loss + neg_loss) / 2
 
 
+#: CPU cost model for one level with ``K`` prototypes and ``J = 1 + M`` paths per sample, measured
+#: with ``experiments/bench`` (one thread, 2-core EPYC VM). A dense ``z @ c.T`` GEMM costs ``B K D``
+#: multiply-adds; gathering path prototypes streams ``B J`` rows of ``D`` floats, which costs about
+#: as much as 13 multiply-adds per float for a sampled matmul (forward) and 2-5 for an
+#: ``embedding_bag`` (backward). So the forward samples when ``K >= SAMPLED_FWD_RATIO * J`` and
+#: the backward gathers when ``K >= BAG_BWD_RATIO * J``. ``SAMPLED_FWD_RATIO`` must stay >= 1:
+#: ``sampled_addmm`` rejects rows with more entries than columns.
+SAMPLED_FWD_RATIO = 16
+BAG_BWD_RATIO = 2
+
+
+class _PathCosines(torch.autograd.Function):
+    """``out[b, j] = z[b] . c[nodes[b, j]]``, never building the ``(B, J, D)`` gathered rows.
+
+    Forward: one dense ``(B, K)`` GEMM then a gather, or (``sampled``) a sampled dense-dense
+    matmul computing only the ``B J`` needed dot products. Backward: the dense
+    ``scatter(g) @ c``, or (``bag``) ``dz[b] = sum_j g[b, j] c[nodes[b, j]]`` as one
+    ``embedding_bag``, which reads ``B J`` rows of ``c`` instead of multiplying all ``K``.
+    The prototypes ``c`` get no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, z: Tensor, c: Tensor, nodes: Tensor, sampled: bool, bag: bool
+    ) -> Tensor:
+        ctx.save_for_backward(c, nodes)
+        ctx.bag = bag
+        if not sampled:
+            return (z @ c.T).gather(1, nodes)
+        batch, paths = nodes.shape
+        crow = torch.arange(0, batch * paths + 1, paths, device=z.device)
+        # Column indices are unsorted and may repeat within a row; sampled_addmm needs only one
+        # value slot per entry, so skip the (costly) invariant checks. It requires J <= K.
+        with warnings.catch_warnings():  # PyTorch warns that CSR support is "beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                nodes.reshape(-1),
+                z.new_empty(batch * paths),
+                size=(batch, c.shape[0]),
+                check_invariants=False,
+            )
+        return torch.sparse.sampled_addmm(pattern, z, c.T, beta=0.0).values().view(batch, paths)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        c, nodes = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.bag:
+            dz = torch.nn.functional.embedding_bag(nodes, c, per_sample_weights=grad, mode="sum")
+        else:
+            dense = grad.new_zeros(grad.shape[0], c.shape[0]).scatter_add_(1, nodes, grad)
+            dz = dense @ c
+        return dz, None, None, None, None
+
+
+def _path_cosines(z: Tensor, centroids: Tensor, nodes: Tensor) -> Tensor:
+    """``(B, J)`` cosines of ``z[b]`` with prototypes ``nodes[b, j]`` (rows of ``centroids``)."""
+    k, paths = centroids.shape[0], nodes.shape[1]
+    sampled, bag = k >= SAMPLED_FWD_RATIO * paths, k >= BAG_BWD_RATIO * paths
+    # The cost model was measured on CPU; on GPUs the dense GEMM is cheap and CSR sampled matmul
+    # with unsorted, repeated columns is not guaranteed, so they keep plain autograd.
+    if z.device.type != "cpu" or not (sampled or bag):
+        return (z @ centroids.T).gather(1, nodes)
+    return _PathCosines.apply(z, centroids, nodes, sampled, bag)
+
+
 def semantic_path_loss(
     z: Sequence[Tensor],
     index: Tensor,
@@ -92,10 +160,14 @@ def semantic_path_loss(
 ) -> Tensor:
     """Semantic path discrimination (HIRL Eq. 4-6), batched.
 
-    Per level, one ``(B, K_l)`` matmul of ``z_l`` against all level-``l`` prototypes gives every
-    node probability; positive and negative path entries are gathered from it by index, so memory
-    is ``O(B * (K_l + M))`` and no ``(B, M, L, D)`` tensor of path prototypes is ever built.
-    Prototypes are constants (no gradient). For speed, call ``h.to(device)`` once per rebuild.
+    Per level, the cosines of ``z_l`` with the ``1 + M`` path prototypes of every sample (its
+    positive node and the level-``l`` nodes of its ``M`` negative paths) come either from one
+    ``(B, K_l)`` matmul against all prototypes, gathered by index, or — on CPU, for levels with
+    many more prototypes than paths (``SAMPLED_FWD_RATIO``; e.g. the paper's 30k level-0
+    clusters with 1000 negatives) — from a sampled matmul computing only those ``B (1 + M)``
+    dot products; the backward likewise gathers the rows it needs (``BAG_BWD_RATIO``). Memory is
+    ``O(B (K_l + M))``: no ``(B, M, L, D)`` tensor of path prototypes is ever built. Prototypes
+    are constants (no gradient). For speed, call ``h.to(device)`` once per rebuild.
 
     Args:
         z: ``L`` tensors ``(B, D)``, L2-normalised level-``l`` projections (any float dtype;
@@ -117,24 +189,24 @@ def semantic_path_loss(
     neg_start, ancestors = None, h.ancestors() if num_neg_paths > 0 else ()
     if num_neg_paths > 0:
         neg_start = sample_negative_paths(h, batch, num_neg_paths, generator, device)
-    p_pos = torch.ones(batch, device=device)
-    p_neg = torch.ones(batch, num_neg_paths, device=device)
+    # Column 0: the positive path; columns 1..M: the negative paths.
+    p = torch.ones(batch, 1 + num_neg_paths, device=device)
     differs = torch.zeros(batch, num_neg_paths, dtype=torch.bool, device=device)
     for level in range(h.num_levels):
+        nodes = positive[level][:, None]
+        if neg_start is not None:
+            neg = ancestors[level].to(device)[neg_start]  # (B, M)
+            differs |= neg != nodes
+            nodes = torch.cat([nodes, neg], dim=1)
         centroids = h.centroids[level].to(device=device, dtype=torch.float32).detach()
         # Clamp: rounding can push a cosine of unit vectors past 1, and 1 - p must stay >= 0.
-        prob = ((z[level].float() @ centroids.T + 1) / 2).clamp(0, 1)  # (B, K_l)
-        p_pos = p_pos * prob.gather(1, positive[level][:, None]).squeeze(1)
-        if neg_start is not None:
-            nodes = ancestors[level].to(device)[neg_start]  # (B, M)
-            p_neg = p_neg * prob.gather(1, nodes)
-            differs |= nodes != positive[level][:, None]
-    pos_terms = -torch.log(p_pos + eps)
+        p = p * ((_path_cosines(z[level].float(), centroids, nodes) + 1) / 2).clamp(0, 1)
+    pos_terms = -torch.log(p[:, 0] + eps)
     if neg_start is None:
         return _combine(pos_terms, None, None)
     # Zero the probability of masked (false) negatives before the log so that neither the value
     # nor the gradient of log(1 - p + eps) can blow up on them, even with eps = 0.
-    p_neg = torch.where(differs, p_neg, torch.zeros_like(p_neg))
+    p_neg = torch.where(differs, p[:, 1:], torch.zeros_like(p[:, 1:]))
     neg_terms = -torch.log(1 - p_neg + eps)
     return _combine(pos_terms, neg_terms, differs.float())
 

@@ -1,0 +1,1 @@
+"""Benchmarks for hirl_ray (issue #6): `make bench`, `make bench-quick`."""
