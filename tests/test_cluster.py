@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,12 @@ TINY = ["data.train_per_class=10", "data.test_per_class=5", "model.width=16",
         "train.epochs=2", "train.batch_size=32", "train.num_workers=2"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
     """The README's cluster commands, run against a local `ray start --head` cluster."""
@@ -83,8 +90,10 @@ def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
     ray_bin = str(VENV_BIN / "ray")
     # `--block` ties the cluster's processes to this one; killing its process group stops
     # exactly this cluster (`ray stop` would stop every Ray on the machine).
+    # Its own agent port: the session's Ray already listens on the default one.
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2",
                              "--port=6397", "--dashboard-port=8297", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={_free_port()}",
                              f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
