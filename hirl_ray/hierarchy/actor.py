@@ -57,6 +57,9 @@ class PrototypeActor:
     def __init__(self, settings: ActorSettings) -> None:
         self.settings = settings
         self._cond = threading.Condition()
+        # One build at a time: versions are assigned and snapshots written in order even when
+        # rounds complete back to back (or a retried round lands after a restart).
+        self._build_lock = threading.Lock()
         self._rounds: dict[int, dict[int, list[Any]]] = {}
         self._building: int | None = None
         self._last_build_s: float | None = None
@@ -127,6 +130,10 @@ class PrototypeActor:
                          daemon=True, name=f"hierarchy-round-{round_id}").start()
 
     def _build(self, round_id: int, shards: list[list[ray.ObjectRef]]) -> None:
+        with self._build_lock:
+            self._build_locked(round_id, shards)
+
+    def _build_locked(self, round_id: int, shards: list[list[ray.ObjectRef]]) -> None:
         start = time.perf_counter()
         try:
             parts = ray.get([ref for pair in shards for ref in pair])
@@ -153,6 +160,7 @@ class PrototypeActor:
             save_hierarchy(h, self.settings.snapshot_dir)
             with self._cond:
                 self._latest = h
+                self._error = None
                 self._last_build_s = time.perf_counter() - start
                 self._building = None
                 self._cond.notify_all()
