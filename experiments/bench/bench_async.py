@@ -32,10 +32,15 @@ import torch
 
 from experiments.bench.bench_rebuild import hierarchical_features
 from experiments.bench.common import ThreadClock, cli, median, result, target
-from experiments.bench.harness import STEP_BATCH, bench_config, build_model, train_loader
+from experiments.bench.harness import (
+    STEP_BATCH,
+    bench_config,
+    build_model,
+    run_steps,
+    train_loader,
+)
 from hirl_ray.hierarchy.actor import ActorSettings, PrototypeActor
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
-from hirl_ray.train.loop import train_epoch
 
 FULL = {"n": 100_000, "ks": (1000, 300, 30), "niter": 20, "nredo": 1, "repeats": 5}
 QUICK = {"n": 30_000, "ks": (1000, 300, 30), "niter": 10, "nredo": 1, "repeats": 5}
@@ -183,20 +188,7 @@ def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
         """``n`` steps, or (``None``) steps until the pending rebuild has arrived."""
         clock, done = ThreadClock(), 0
         while (n is None and source.pending is not None) or (n is not None and done < n):
-            train_epoch(
-                model,
-                batches,
-                opt,
-                epoch=0,
-                step=0,
-                total_steps=10_000,
-                base_lr=0.05,
-                warmup_steps=0,
-                hierarchy=source,
-                device=torch.device("cpu"),
-                generator=gen,
-                max_steps=1,
-            )
+            run_steps(model, opt, batches, source, 1, gen)
             done += 1
         return done, clock.read()
 
