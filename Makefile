@@ -1,31 +1,48 @@
 # hirl_ray — two commands for newcomers: `make train` and `make test`.
+comma := ,
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
+# One faiss build per environment (faiss-cpu and faiss-gpu overwrite each other's module): the
+# venv remembers its flavour in .venv/.faiss; `make install-gpu` switches it to faiss-gpu.
+FAISS       ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
+FAISS_OTHER := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu)
 
-.PHONY: install install-test train test test-fast bench bench-quick lint clean
+.PHONY: install install-test install-gpu train test test-fast bench bench-quick gpu-check lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 # Reinstall when pyproject.toml changes (editable install: code edits need nothing).
+# $(1): extra extras after the faiss flavour. The other flavour goes first, so the two never mix.
+define install_with
+	$(PIP) uninstall -y -q $(FAISS_OTHER) >/dev/null 2>&1 || true
+	$(PIP) install -e '.[$(FAISS)$(1)]'
+	echo $(FAISS) > $(VENV)/.faiss
+endef
+
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+	$(call install_with,)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test]'
+	$(call install_with,$(comma)test)
 	touch $(VENV)/.installed $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test,bench]'
+	$(call install_with,$(comma)test$(comma)bench)
 	touch $(VENV)/.installed $(VENV)/.installed-test $@
 
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+## Swap faiss-cpu for faiss-gpu (CUDA 12 runtime wheels) in .venv; later installs keep it.
+install-gpu: | $(PY)
+	rm -f $(VENV)/.installed $(VENV)/.installed-test $(VENV)/.installed-bench
+	$(MAKE) install-test FAISS=gpu
 
 ## Pretrain HIRL on the built-in dataset with the embedded default experiment.
 train: install
@@ -44,6 +61,11 @@ bench: $(VENV)/.installed-bench
 
 bench-quick: $(VENV)/.installed-bench
 	$(PY) -m experiments.bench.run --quick
+
+## GPU checks (AMP steps, path loss on CUDA, faiss-gpu vs faiss-cpu, 1-GPU Ray fit); without a
+## GPU it says so and exits 0. On a GPU machine run `make install-gpu gpu-check`.
+gpu-check: install-test
+	$(PY) -m experiments.gpu_check
 
 lint: install-test
 	$(PIP) install -q -e '.[dev]'

@@ -12,6 +12,7 @@ import yaml
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config
+from hirl_ray.hierarchy.faiss_build import check_faiss_install
 from hirl_ray.hierarchy.memory import rebuild_memory_warning
 from hirl_ray.train.evaluate import load_backbone
 
@@ -106,6 +107,7 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
     from its newest one; nothing in it is deleted.
     """
     cfg = load_config(config_or_path, overrides)
+    check_faiss_install()
     num_samples = _check_data(cfg)  # every check above happens before Ray starts
     run_dir = prepare_run(cfg)
     from hirl_ray.train.ray_fit import run_fit  # imports Ray
@@ -163,5 +165,6 @@ def tune(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig,
     """
     from hirl_ray.tune.sweep import execute, plan_sweep
 
+    check_faiss_install()
     plan = plan_sweep(config_or_path, overrides, resume)
     return TuneResult(**execute(plan))

@@ -70,3 +70,46 @@ def test_missing_checkpoint_error_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a hirl_ray checkpoint"):
         read_meta(tmp_path)
     assert latest_checkpoint(tmp_path) is None
+
+
+def _count_host_reads(monkeypatch, steps: int) -> int:
+    """Python-level reads of tensor values (item/tolist/float/int/bool) during ``steps`` steps."""
+    from torch import nn
+
+    from hirl_ray.hierarchy import fit_hierarchy
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
+
+    torch.manual_seed(0)
+    cfg = load_config(None, {"model.width": 8, "method.hidden_dim": 32, "method.proj_dim": 16,
+                             "hirl.num_clusters": [6, 2], "hirl.num_neg_paths": 4})
+    model = HirlModel.from_config(cfg)
+    dim = [m for m in model.heads[0].modules() if isinstance(m, nn.Linear)][-1].out_features
+    h = fit_hierarchy(torch.randn(40, dim), [6, 2], nredo=1, niter=5)
+    batches = [([torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], torch.arange(8) + 8 * i)
+               for i in range(steps)]
+    opt = build_optimizer(model.parameters(), "sgd", 0.01, 1e-4)
+    reads = 0
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            nonlocal reads
+            reads += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    train_epoch(model, batches, opt, epoch=0, step=0, total_steps=steps, base_lr=0.01,
+                warmup_steps=0, hierarchy=StaticHierarchy(h), device=torch.device("cpu"))
+    monkeypatch.undo()
+    return reads
+
+
+def test_train_epoch_reads_losses_from_the_device_once_per_epoch(monkeypatch):
+    # A per-step float(loss) blocks the host until a GPU step finishes (no overlap): the number of
+    # host reads must not grow with the number of steps.
+    assert _count_host_reads(monkeypatch, 2) == _count_host_reads(monkeypatch, 5)

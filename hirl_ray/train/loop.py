@@ -124,7 +124,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     model.train()
     inner = unwrap(model)
     use_amp = scaler is not None and device.type == "cuda"
-    totals = {"loss": 0.0, "method": 0.0, "semantic": 0.0}
+    # Loss sums stay on the device: reading a CUDA scalar (float(), .item()) blocks the host until
+    # the GPU has finished the step, so per-step reads would serialise the input pipeline and the
+    # GPU. One read at the end of the epoch.
+    totals = torch.zeros(3, device=device)  # loss, method loss, semantic loss
     steps = samples = semantic_steps = 0
     lr = base_lr
     start = time.perf_counter()
@@ -150,20 +153,22 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         step += 1
         steps += 1
         samples += index.shape[0]
-        totals["loss"] += float(out.loss.detach())
-        totals["method"] += float(out.method_loss)
-        if out.semantic_loss is not None:
-            totals["semantic"] += float(out.semantic_loss)
+        semantic = out.semantic_loss
+        if semantic is not None:
             semantic_steps += 1
+        else:
+            semantic = totals.new_zeros(())
+        totals += torch.stack([out.loss.detach(), out.method_loss, semantic.detach()]).float()
         if max_steps is not None and steps >= max_steps:
             break
     if steps == 0:
         raise RuntimeError("the training loader yielded no batch: train.batch_size is larger "
                            "than the worker's share of the dataset; lower train.batch_size")
     current = hierarchy.current
+    loss_sum, method_sum, semantic_sum = totals.tolist()  # the epoch's one host read
     stats = EpochStats(
-        epoch=epoch, loss=totals["loss"] / steps, method_loss=totals["method"] / steps,
-        semantic_loss=totals["semantic"] / semantic_steps if semantic_steps else None,
+        epoch=epoch, loss=loss_sum / steps, method_loss=method_sum / steps,
+        semantic_loss=semantic_sum / semantic_steps if semantic_steps else None,
         semantic_steps=semantic_steps, steps=steps, samples=samples,
         seconds=time.perf_counter() - start, lr=lr,
         hierarchy_version=current.version if current is not None else 0)

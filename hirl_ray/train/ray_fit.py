@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
+from hirl_ray.hierarchy.faiss_build import describe_faiss
 from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
 from hirl_ray.train.evaluate import evaluate_checkpoint
@@ -117,6 +118,10 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitOutcome:
 def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int) -> FitOutcome:
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
+    if cfg.hirl.enabled:
+        print(f"[hirl_ray] k-means: {describe_faiss()} on the driver; the prototype actor uses "
+              f"{'faiss-gpu when its node has a GPU' if cfg.hirl.actor_num_gpus else 'the CPU'}",
+              flush=True)
     train_on_ray(cfg, run_dir, num_samples)
     print("[hirl_ray] evaluating the final checkpoint (kNN, clustering per level)…", flush=True)
     return final_evaluation(cfg, run_dir)
