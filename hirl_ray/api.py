@@ -42,10 +42,10 @@ class FitResult:
 
 
 def _check_data(cfg: ExperimentConfig) -> int:
-    """Build the train split once (cheap) to check cluster counts against its size."""
-    from hirl_ray.data import build_dataset
+    """Count the train split (an S3 image folder by listing it) to check sizes against it."""
+    from hirl_ray.data import dataset_size
 
-    n = len(build_dataset(cfg.data, "train"))
+    n = dataset_size(cfg.data, "train")
     if cfg.train.batch_size > n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training "
                           f"samples of data.name={cfg.data.name!r}; lower it")

@@ -111,3 +111,27 @@ def test_missing_s3_dataset_prefix_is_one_clear_error(bucket, tmp_path, monkeypa
                              "data.root": f"s3://{bucket}/nothing-here"}).data
     with pytest.raises(hirl_ray.ConfigError, match="holds no objects"):
         build_dataset(cfg, "train")
+
+
+def test_driver_counts_an_s3_image_folder_without_downloading_it(bucket, tmp_path, monkeypatch):
+    from hirl_ray.config import load_config
+    from hirl_ray.data import build_dataset, dataset_size
+
+    monkeypatch.setenv("HIRL_RAY_CACHE", str(tmp_path / "cache"))
+    s3 = boto3.client("s3")
+    keys = ["train/cat/0.png", "train/cat/1.JPG", "train/dog/sub/2.png", "train/dog/notes.txt",
+            "train/README.png", "val/cat/0.png", "val/dog/1.png"]
+    import io
+
+    from PIL import Image
+
+    for key in keys:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="PNG")
+        s3.put_object(Bucket=bucket, Key=f"datasets/count/{key}", Body=buf.getvalue())
+    cfg = load_config(None, {"data.name": "imagefolder",
+                             "data.root": f"s3://{bucket}/datasets/count"}).data
+    assert dataset_size(cfg, "train") == 3 and dataset_size(cfg, "test") == 2
+    assert not (tmp_path / "cache").exists()  # listed, nothing downloaded
+    # The same number the workers get from their downloaded copy.
+    assert len(build_dataset(cfg, "train")) == 3

@@ -86,8 +86,32 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
     return _BUILDERS[cfg.name](cfg, split)
 
 
+def dataset_size(cfg: DataConfig, split: str) -> int:
+    """Number of samples in one split, without downloading an ``s3://`` image folder.
+
+    The driver only needs the count (to check batch and cluster sizes and to size the prototype
+    actor); the workers download their node's copy when they build the dataset. Other datasets
+    (and npz files in S3, a single object each) are built as usual.
+    """
+    if cfg.name == "imagefolder" and cfg.root and cfg.root.startswith("s3://"):
+        from hirl_ray.data.folder import SPLIT_FOLDERS
+        from hirl_ray.data.s3 import count_folder_images
+
+        for folder in SPLIT_FOLDERS[split]:
+            n = count_folder_images(cfg.root, folder)
+            if n:
+                return n
+        raise ConfigError(
+            f"data.root={cfg.root}: no images under "
+            f"{' or '.join(f'{f}/<class>/' for f in SPLIT_FOLDERS[split])}; upload the "
+            "ImageFolder layout (train/ and val/ class sub-folders)"
+        )
+    return len(build_dataset(cfg, split))
+
+
 __all__ = [
     "DATASETS",
+    "dataset_size",
     "HierDataset",
     "TensorHierDataset",
     "ViewDataset",

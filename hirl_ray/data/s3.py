@@ -35,30 +35,64 @@ def _list_objects(client, bucket: str, prefix: str) -> dict[str, int]:
     return objects
 
 
+def _bucket_prefix(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+
+
+def _list_or_fail(client, uri: str, bucket: str, prefix: str) -> dict[str, int]:
+    """Every object under ``prefix/`` (key → size), or a one-line :class:`ConfigError`."""
+    import botocore.exceptions
+
+    try:
+        # A folder prefix (ImageFolder layout, or train.npz/test.npz): never a bare file.
+        objects = _list_objects(client, bucket, f"{prefix}/" if prefix else "")
+    except botocore.exceptions.BotoCoreError as e:
+        raise ConfigError(f"data.root={uri}: cannot list the bucket ({e}); check the "
+                          "URI and AWS credentials (standard AWS chain)") from None
+    except botocore.exceptions.ClientError as e:
+        raise ConfigError(f"data.root={uri}: {e.response['Error'].get('Code')}: cannot "
+                          "list it; check the bucket name and IAM permissions") from None
+    if not objects:
+        raise ConfigError(f"data.root={uri} holds no objects; upload the dataset there "
+                          "(ImageFolder layout: train/ and val/ class sub-folders)")
+    return objects
+
+
+def count_folder_images(uri: str, split_folder: str) -> int:
+    """Images of ``uri/<split_folder>/<class>/…`` from one bucket listing, downloading nothing.
+
+    Counts what :class:`~hirl_ray.data.folder.ImageFolderDataset` would load from a local copy
+    (torchvision's image extensions, at any depth below a class folder), so the driver can check
+    ``train.batch_size`` and ``hirl.num_clusters`` against an ImageNet-sized bucket without
+    copying 1.28M files to a machine that never trains.
+    """
+    import boto3
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    bucket, prefix = _bucket_prefix(uri)
+    objects = _list_or_fail(boto3.client("s3"), uri, bucket, prefix)
+    root = f"{prefix}/{split_folder}/" if prefix else f"{split_folder}/"
+    count = 0
+    for key in objects:
+        rest = key[len(root):] if key.startswith(root) else ""
+        # "<class>/<...>/<file>": files directly in the split folder belong to no class.
+        if "/" in rest and rest.lower().endswith(IMG_EXTENSIONS):
+            count += 1
+    return count
+
+
 def localize(uri: str, max_workers: int = 16) -> Path:
     """Local folder mirroring ``uri`` (``s3://bucket/prefix``); downloads what is missing."""
     import boto3
-    import botocore.exceptions
 
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+    bucket, prefix = _bucket_prefix(uri)
     local = cache_root() / "s3" / bucket / prefix
     local.mkdir(parents=True, exist_ok=True)
     client = boto3.client("s3")
     with open(local.parent / f".{local.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; other workers wait here
-        try:
-            # A folder prefix (ImageFolder layout, or train.npz/test.npz): never a bare file.
-            objects = _list_objects(client, bucket, f"{prefix}/" if prefix else "")
-        except botocore.exceptions.BotoCoreError as e:
-            raise ConfigError(f"data.root={uri}: cannot list the bucket ({e}); check the "
-                              "URI and AWS credentials (standard AWS chain)") from None
-        except botocore.exceptions.ClientError as e:
-            raise ConfigError(f"data.root={uri}: {e.response['Error'].get('Code')}: cannot "
-                              "list it; check the bucket name and IAM permissions") from None
-        if not objects:
-            raise ConfigError(f"data.root={uri} holds no objects; upload the dataset there "
-                              "(ImageFolder layout: train/ and val/ class sub-folders)")
+        objects = _list_or_fail(client, uri, bucket, prefix)
         manifest_path = local / MANIFEST
         if manifest_path.is_file() and json.loads(manifest_path.read_text()) == objects:
             return local
