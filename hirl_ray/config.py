@@ -98,6 +98,8 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     cpus_per_worker: float = 1.0
+    # GPUs each worker reserves when use_gpu (a fraction shares one GPU, e.g. with the actor).
+    gpus_per_worker: float = 1.0
     max_failures: int = 0
 
 
@@ -218,7 +220,7 @@ def _check_positive(cfg: ExperimentConfig) -> None:
         if getattr(getattr(cfg, section), attr) <= 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), attr)}")
     for key in ("method.temperature", "train.lr", "eval.knn_temperature",
-                "train.cpus_per_worker"):
+                "train.cpus_per_worker", "train.gpus_per_worker"):
         section, attr = key.split(".")
         if not getattr(getattr(cfg, section), attr) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), attr)}")
@@ -263,6 +265,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(
                 f"hirl.warmup_epochs ({cfg.hirl.warmup_epochs}) must be < train.epochs "
                 f"({cfg.train.epochs}), or HIRL never starts; lower it or set hirl.enabled=false")
+    gpus = cfg.train.gpus_per_worker
+    if gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"train.gpus_per_worker must be a fraction <= 1 or a whole number, got "
+                          f"{gpus}; Ray cannot split a request across GPUs")
     if cfg.train.batch_size < cfg.train.num_workers * 2:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is global and must give "
                           f"each of the {cfg.train.num_workers} workers >= 2 samples")

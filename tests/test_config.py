@@ -38,6 +38,8 @@ def test_round_trip_through_dict():
     ({"hirl.num_clusters": []}, "hirl.num_clusters must list"),
     ({"hirl.num_clusters": 5}, "hirl.num_clusters must be a list"),
     ({"method.name": "moco"}, "method.name must be one of"),
+    ({"train.gpus_per_worker": 1.5}, "train.gpus_per_worker must be a fraction <= 1"),
+    ({"train.gpus_per_worker": 0}, "train.gpus_per_worker must be > 0"),
     ({"train.lr": 0}, "train.lr must be > 0"),
     ({"hirl.warmup_epochs": 10, "train.epochs": 10}, "hirl.warmup_epochs (10) must be <"),
     ({"data.name": "imagefolder"}, "data.root is required"),

@@ -81,7 +81,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                  **({"GPU": 1} if cfg.train.use_gpu else {})}),
+                                  **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name="train", storage_path=str(run_dir), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),

@@ -119,6 +119,7 @@ def fixed_overrides(spec: TuneSpec, sweep_dir: str, trial_id: str) -> dict[str, 
     return {"storage.path": f"{sweep_dir}/trials", "storage.name": trial_id,
             "train.num_workers": r.workers_per_trial, "train.cpus_per_worker": r.cpus_per_worker,
             "train.use_gpu": r.gpus_per_worker > 0, "eval.every_epochs": 1,
+            **({"train.gpus_per_worker": r.gpus_per_worker} if r.gpus_per_worker > 0 else {}),
             "eval.max_train_samples": spec.eval_max_train_samples}
 
 

@@ -25,7 +25,8 @@ LABEL_FREE_METRIC = "label_free/silhouette"
 WALL_TIME_METRIC = "time_total_s"
 # Keys the search may not touch: they are set by the sweep itself (shape, resources, eval).
 _RESERVED = {"hirl.num_clusters", "hirl.enabled", "train.num_workers", "train.use_gpu",
-             "train.cpus_per_worker", "train.epochs", "train.max_failures"}
+             "train.cpus_per_worker", "train.gpus_per_worker", "train.epochs",
+             "train.max_failures"}
 
 
 @dataclass(frozen=True)
