@@ -1,0 +1,236 @@
+"""``make gpu-check``: the GPU code paths, on one GPU, in a few minutes.
+
+Checks (each prints one line and goes into ``experiments/bench/results/gpu_check.json``):
+
+1. ``amp_steps`` — a few AMP (fp16 autocast + GradScaler) training steps of every method with the
+   semantic-path loss on, on CUDA: finite losses, steps/s.
+2. ``path_loss`` — the semantic-path loss on CUDA under autocast against a float64 re-statement of
+   HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
+3. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
+   features: NMI of the assignments per level (faiss-gpu differs run to run, so no bit equality).
+4. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
+   the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
+
+Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
+(faiss-gpu skipped): the test suite uses it so that this script cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "gpu_check.json"
+
+
+def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
+    """A few AMP steps per method with HIRL on; every loss finite."""
+    from hirl_ray.config import load_config
+    from hirl_ray.hierarchy import fit_hierarchy
+    from hirl_ray.methods import METHODS
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
+
+    steps, batch = (2, 16) if quick else (10, 128)
+    out: dict[str, Any] = {}
+    for name in METHODS:
+        torch.manual_seed(0)
+        cfg = load_config(None, {"method.name": name, "hirl.num_clusters": [32, 8, 2],
+                                 "hirl.num_neg_paths": 64})
+        model = HirlModel.from_config(cfg).to(device)
+        with torch.no_grad():  # a hierarchy in the space the heads project to
+            z = model.heads[0](torch.randn(256, _head_in_dim(model), device=device)).float()
+        h = fit_hierarchy(z.cpu(), [32, 8, 2], nredo=1, niter=5).to(device)
+        n = steps * batch
+        views = torch.randn(n, 3, 32, 32)
+        batches = [([views[i:i + batch], views[i:i + batch].flip(-1)],
+                    torch.arange(i, i + batch) % 256) for i in range(0, n, batch)]
+        opt = build_optimizer(model.parameters(), "sgd", 0.03, 1e-4)
+        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        start = time.perf_counter()
+        stats, _ = train_epoch(model, batches, opt, epoch=0, step=0, total_steps=steps,
+                               base_lr=0.03, warmup_steps=0, hierarchy=StaticHierarchy(h),
+                               device=device, scaler=scaler, generator=None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        finite = all(math.isfinite(v) for v in (stats.loss, stats.semantic_loss or 0.0))
+        out[name] = {"loss": stats.loss, "semantic_loss": stats.semantic_loss,
+                     "steps_per_s": steps / seconds, "finite": finite}
+    return {"ok": all(v["finite"] and v["semantic_loss"] is not None for v in out.values()),
+            "methods": out}
+
+
+def _head_in_dim(model: torch.nn.Module) -> int:
+    first = next(m for m in model.heads[0].modules() if isinstance(m, torch.nn.Linear))
+    return int(first.in_features)
+
+
+def _reference_path_loss(z: list[torch.Tensor], pos: list[torch.Tensor], neg: list[torch.Tensor],
+                         centroids: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """HIRL Eq. 4-6 in float64, written from the paper: per-sample average over true negatives."""
+    p_pos = torch.ones(z[0].shape[0], dtype=torch.float64)
+    p_neg = torch.ones(neg[0].shape, dtype=torch.float64)
+    differs = torch.zeros(neg[0].shape, dtype=torch.bool)
+    for zl, pl, nl, cl in zip(z, pos, neg, centroids, strict=True):
+        p_pos = p_pos * ((zl * cl[pl]).sum(-1) + 1) / 2
+        p_neg = p_neg * ((zl[:, None, :] * cl[nl]).sum(-1) + 1) / 2
+        differs |= nl != pl[:, None]
+    pos_term = -torch.log(p_pos + eps)
+    neg_term = -torch.log(1 - p_neg + eps) * differs
+    per_sample_neg = neg_term.sum(1) / (differs.sum(1) + eps)
+    return ((pos_term + per_sample_neg) / 2).mean()
+
+
+def check_path_loss(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The path loss under autocast on ``device`` vs a float64 CPU re-statement."""
+    import torch.nn.functional as F
+
+    from hirl_ray.hierarchy import PrototypeHierarchy, semantic_path_loss
+    from hirl_ray.hierarchy.loss import sample_negative_paths
+
+    ks, dim, batch, m = ((60, 20, 5), 32, 16, 32) if quick else ((3000, 1000, 100), 128, 256, 1000)
+    g = torch.Generator().manual_seed(0)
+    centroids = [F.normalize(torch.randn(k, dim, generator=g), dim=1) for k in ks]
+    parents = [torch.randint(ks[i + 1], (ks[i],), generator=g) for i in range(len(ks) - 1)]
+    n = 4 * batch
+    a0 = torch.randint(ks[0], (n,), generator=g)
+    assignments = [a0]
+    for p in parents:
+        assignments.append(p[assignments[-1]])
+    h = PrototypeHierarchy(version=1, centroids=tuple(centroids), parents=tuple(parents),
+                           assignments=tuple(assignments),
+                           densities=tuple(torch.full((k,), 0.2) for k in ks))
+    index = torch.randperm(n, generator=g)[:batch]
+    # Keep z off the clamp at cos = ±1: a random direction, not a prototype.
+    z = [F.normalize(torch.randn(batch, dim, generator=g), dim=1) for _ in ks]
+    z_dev = [t.to(device).clone().requires_grad_(True) for t in z]
+    hd = h.to(device)
+    with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda"
+                        else torch.bfloat16):
+        loss = semantic_path_loss(z_dev, index.to(device), hd, m,
+                                  torch.Generator().manual_seed(1))
+    loss.backward()
+    starts = sample_negative_paths(h, batch, m, torch.Generator().manual_seed(1), "cpu")
+    ancestors = h.ancestors()
+    z64 = [t.detach().double().requires_grad_(True) for t in z]
+    ref = _reference_path_loss(z64, [a[index] for a in h.assignments],
+                               [anc[starts] for anc in ancestors],
+                               [c.double() for c in centroids], eps=1e-6)
+    ref.backward()
+    grad_err = max(float((zd.grad.cpu().double() - zr.grad).abs().max() /
+                         zr.grad.abs().max().clamp(min=1e-12)) for zd, zr in zip(z_dev, z64))
+    loss_err = abs(float(loss) - float(ref)) / abs(float(ref))
+    return {"ok": loss.dtype == torch.float32 and loss_err < 1e-4 and grad_err < 1e-3,
+            "loss": float(loss), "reference": float(ref), "loss_dtype": str(loss.dtype),
+            "rel_loss_err": loss_err, "rel_grad_err": grad_err}
+
+
+def check_faiss_gpu(device: torch.device, quick: bool) -> dict[str, Any]:
+    """faiss-gpu vs faiss-cpu hierarchy on the same features: NMI per level >= 0.95."""
+    import faiss
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from hirl_ray.hierarchy import fit_hierarchy
+    from hirl_ray.hierarchy.faiss_build import describe_faiss
+
+    build = describe_faiss()
+    if device.type != "cuda" or faiss.get_num_gpus() == 0:
+        return {"ok": None, "skipped": f"{build} has no GPU here (run `make install-gpu`)"}
+    n, dim, ks = (200_000, 128, [1000, 100, 10]) if not quick else (20_000, 64, [100, 10])
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(ks[0], dim, generator=g)
+    x = centres[torch.randint(ks[0], (n,), generator=g)] + 0.3 * torch.randn(n, dim, generator=g)
+    timings, results = {}, {}
+    for name, use_gpu in (("cpu", False), ("gpu", True)):
+        start = time.perf_counter()
+        results[name] = fit_hierarchy(x, ks, seed=0, nredo=1, use_gpu=use_gpu)
+        timings[name] = time.perf_counter() - start
+    nmi = [float(normalized_mutual_info_score(a.numpy(), b.numpy()))
+           for a, b in zip(results["cpu"].assignments, results["gpu"].assignments)]
+    return {"ok": min(nmi) >= 0.95, "faiss": build, "nmi_per_level": nmi,
+            "cpu_s": timings["cpu"], "gpu_s": timings["gpu"]}
+
+
+def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
+    """A 1-GPU Ray Train fit with the prototype actor sharing the GPU."""
+    import hirl_ray
+
+    on_gpu = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = {"train.use_gpu": on_gpu, "train.num_workers": 1,
+                     "train.epochs": 3 if quick else 4, "hirl.warmup_epochs": 1,
+                     "hirl.rebuild_every_epochs": 1, "storage.path": tmp,
+                     "storage.name": "gpu_check"}
+        if on_gpu:
+            overrides.update({"train.gpus_per_worker": 0.5, "hirl.actor_num_gpus": 0.5})
+        if quick:
+            overrides.update({"data.train_per_class": 10, "data.test_per_class": 5,
+                              "model.width": 16, "hirl.num_clusters": [12, 4],
+                              "train.batch_size": 32})
+        start = time.perf_counter()
+        result = hirl_ray.fit(None, overrides)
+        seconds = time.perf_counter() - start
+        versions = result.metrics.get("train/hierarchy_version", 0)
+        knn = {k: v for k, v in result.metrics.items() if k.startswith("knn_acc/")}
+    return {"ok": bool(versions) and all(math.isfinite(v) for v in knn.values()),
+            "seconds": seconds, "hierarchy_version": versions, **knn}
+
+
+CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
+    "amp_steps": check_amp_steps, "path_loss": check_path_loss,
+    "faiss_gpu": check_faiss_gpu, "ray_fit": check_ray_fit,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for the test suite)")
+    parser.add_argument("--only", nargs="*", choices=list(CHECKS), help="run these checks only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing "
+              "checked. Run `make install-gpu gpu-check` on a machine with an NVIDIA GPU.")
+        return 0
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(f"gpu-check on {name}, torch {torch.__version__}", flush=True)
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "checks": {}}
+    failed = []
+    for check, fn in CHECKS.items():
+        if args.only and check not in args.only:
+            continue
+        start = time.perf_counter()
+        try:
+            res = fn(device, args.quick)
+        except Exception as e:  # one broken check must not hide the others' results
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()}
+        res["wall_s"] = time.perf_counter() - start
+        report["checks"][check] = res
+        status = {True: "ok", False: "FAIL", None: "skipped"}[res["ok"]]
+        detail = res.get("skipped") or res.get("error") or ""
+        print(f"  {check:<10} {status:<8} {res['wall_s']:6.1f}s  {detail}", flush=True)
+        if res["ok"] is False:
+            failed.append(check)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all run checks passed'} "
+          f"({args.out})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
