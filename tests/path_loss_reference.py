@@ -24,7 +24,9 @@ from hirl_ray.hierarchy import PrototypeHierarchy
 EPS = 1e-6  # the official HIRL eps
 
 
-def _path_probability(z: Sequence[Tensor], b: int, path: list[int], h: PrototypeHierarchy) -> Tensor:
+def _path_probability(
+    z: Sequence[Tensor], b: int, path: list[int], h: PrototypeHierarchy
+) -> Tensor:
     p = torch.ones((), dtype=torch.float64)
     for level, node in enumerate(path):
         c = h.centroids[level][node].detach().cpu().double()
