@@ -59,13 +59,13 @@ def _check_data(cfg: ExperimentConfig) -> int:
 
 
 def _feature_dim(cfg: ExperimentConfig) -> int:
-    """The backbone's feature size, from a weightless (meta-device) build."""
+    """Width of the clustered features (``hirl.embedding``), from a weightless (meta) build."""
     import torch
 
-    from hirl_ray.models import build_backbone
+    from hirl_ray.methods import build_method
 
     with torch.device("meta"):
-        return build_backbone(cfg.model, cfg.data.image_size)[1]
+        return build_method(cfg).embedding_dim(cfg.hirl.embedding)
 
 
 def prepare_run(cfg: ExperimentConfig) -> str:
