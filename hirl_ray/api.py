@@ -22,7 +22,8 @@ __all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tu
 _RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"),
                 ("method", "name"), ("method", "proj_dim"), ("method", "hidden_dim"),
                 ("hirl", "enabled"), ("hirl", "num_clusters"), ("data", "name"),
-                ("data", "image_size"))
+                ("data", "image_size"),
+                ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,15 @@ def test_warmup_leaves_heads_bit_identical(optimizer, views) -> None:
     moved = [not torch.equal(a, b) for a, b in
              zip(backbone_before, model.method.backbone.parameters(), strict=True)]
     assert any(moved)  # the rest of the model did train
+
+
+def test_resuming_with_another_embedding_is_refused(tmp_path) -> None:
+    # The heads' width depends on hirl.embedding: a checkpoint of one cannot load into the other.
+    from hirl_ray.api import prepare_run
+    from hirl_ray.config import ConfigError
+
+    prepare_run(load_config(None, {"storage.path": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="hirl.embedding='backbone' differs from 'projection'"):
+        prepare_run(
+            load_config(None, {"storage.path": str(tmp_path), "hirl.embedding": "backbone"})
+        )
