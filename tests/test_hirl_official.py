@@ -12,7 +12,7 @@ from hirl_ray.api import _feature_dim
 from hirl_ray.config import load_config
 from hirl_ray.methods import METHODS, HirlModel
 from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
-from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, WIDTH, make_method
+from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, make_method
 
 torch.set_num_threads(1)
 
