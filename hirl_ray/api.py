@@ -23,7 +23,8 @@ __all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tu
 _RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"),
                 ("method", "name"), ("method", "proj_dim"), ("method", "hidden_dim"),
                 ("hirl", "enabled"), ("hirl", "num_clusters"), ("data", "name"),
-                ("data", "image_size"))
+                ("data", "image_size"),
+                ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,13 @@ def _check_data(cfg: ExperimentConfig) -> int:
 
 
 def _feature_dim(cfg: ExperimentConfig) -> int:
-    """The backbone's feature size, from a weightless (meta-device) build."""
+    """Width of the clustered features (``hirl.embedding``), from a weightless (meta) build."""
     import torch
 
-    from hirl_ray.models import build_backbone
+    from hirl_ray.methods import build_method
 
     with torch.device("meta"):
-        return build_backbone(cfg.model, cfg.data.image_size)[1]
+        return build_method(cfg).embedding_dim(cfg.hirl.embedding)
 
 
 def prepare_run(cfg: ExperimentConfig) -> str:

@@ -81,6 +81,24 @@ class HirlConfig:
     async_rebuild: bool = True
     actor_num_cpus: float = 0.0
     actor_num_gpus: float = 0.0
+    # The defaults below are the official HIRL code's choices; see README "Where we follow /
+    # leave the official HIRL code" for each alternative and its cost.
+    # projection: heads on the online projector output of view 0, clustering on the target
+    # (else online) projector output; backbone: both on backbone features (d x d heads, D-dim
+    # k-means). Room for vit_cls / vit_mean (official ``train_emb``) once ViTs exist.
+    embedding: str = "projection"
+    # random: faiss' default seeding (official); kmeans++: exact above level 0, AFK-MC2 at
+    # level 0, single-threaded on CPU even with faiss-gpu (O(m K^2 D) per restart).
+    kmeans_init: str = "random"
+    # per_sample: mean over each sample's true negatives, then over the batch (official);
+    # pooled: one mean over all true negatives of the batch.
+    neg_average: str = "per_sample"
+
+
+#: Choices of the ``hirl:`` string keys (here, because config.py imports nothing of ours).
+HIRL_EMBEDDINGS = ("projection", "backbone")
+KMEANS_INITS = ("random", "kmeans++")
+NEG_AVERAGES = ("per_sample", "pooled")
 
 
 @dataclass(frozen=True)
@@ -244,6 +262,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_choice("model.backbone", cfg.model.backbone, BACKBONES)
     _check_choice("method.name", cfg.method.name, METHODS)
     _check_choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw", "lars"))
+    _check_choice("hirl.embedding", cfg.hirl.embedding, HIRL_EMBEDDINGS)
+    _check_choice("hirl.kmeans_init", cfg.hirl.kmeans_init, KMEANS_INITS)
+    _check_choice("hirl.neg_average", cfg.hirl.neg_average, NEG_AVERAGES)
     if not 0.0 <= cfg.method.momentum < 1.0:
         raise ConfigError(f"method.momentum must be in [0, 1), got {cfg.method.momentum}")
     if cfg.data.name not in ("synthetic", "digits") and not cfg.data.root:

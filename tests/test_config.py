@@ -23,6 +23,21 @@ def test_embedded_default_trains_hirl_with_two_workers():
     assert cfg.hirl.warmup_epochs < cfg.train.epochs
 
 
+def test_hirl_defaults_are_the_official_choices():
+    # hirl/pipelines/hirl.py: heads on inst_emb (projector output), runners: clustering on
+    # forward_feature (key encoder), faiss.Clustering's default (random) init, per-sample mean.
+    hirl = load_config(None).hirl
+    assert (hirl.embedding, hirl.kmeans_init, hirl.neg_average) == (
+        "projection", "random", "per_sample")
+    for name in ("imagenet_hirl_mocov2", "imagenet_hirl_simsiam"):
+        cfg = load_config(ROOT / "experiments" / f"{name}.yaml")
+        assert (cfg.hirl.embedding, cfg.hirl.kmeans_init, cfg.hirl.neg_average) == (
+            "projection", "random", "per_sample")
+        assert cfg.hirl.weight == 1.0 and cfg.hirl.rebuild_every_epochs == 1
+        assert cfg.hirl.num_clusters == (30000, 10000, 1000) and cfg.hirl.num_neg_paths == 1000
+        assert cfg.hirl.warmup_epochs == 20
+
+
 def test_round_trip_through_dict():
     cfg = load_config(None, {"hirl.num_clusters": [30, 10], "train.lr": 0.1})
     assert load_config(cfg.to_dict()) == cfg
@@ -43,6 +58,9 @@ def test_round_trip_through_dict():
     ({"train.lr": 0}, "train.lr must be > 0"),
     ({"hirl.warmup_epochs": 10, "train.epochs": 10}, "hirl.warmup_epochs (10) must be <"),
     ({"data.name": "imagefolder"}, "data.root is required"),
+    ({"hirl.embedding": "vit_cls"}, "hirl.embedding must be one of projection, backbone"),
+    ({"hirl.kmeans_init": "afk-mc2"}, "hirl.kmeans_init must be one of random, kmeans++"),
+    ({"hirl.neg_average": "mean"}, "hirl.neg_average must be one of per_sample, pooled"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -21,13 +21,19 @@ torch.set_num_threads(1)
 
 WIDTH, SIZE, BATCH, N = 16, 16, 32, 64
 FEAT_DIM = 4 * WIDTH
+PROJ_DIM = 32  # the heads' input and the prototypes' width (hirl.embedding=projection)
 LEVELS = (8, 4, 2)
 
 
 def make_method(name: str, seed: int = 0, queue_size: int = 48) -> SSLMethod:
     torch.manual_seed(seed)
     cfg = MethodConfig(
-        name=name, proj_dim=32, hidden_dim=64, temperature=0.2, momentum=0.9, queue_size=queue_size
+        name=name,
+        proj_dim=PROJ_DIM,
+        hidden_dim=64,
+        temperature=0.2,
+        momentum=0.9,
+        queue_size=queue_size,
     )
     backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=WIDTH), SIZE)
     return METHODS[name](backbone, feat_dim, cfg)
@@ -49,7 +55,7 @@ def batch() -> tuple[list[torch.Tensor], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def hierarchy() -> PrototypeHierarchy:
-    feats = F.normalize(torch.randn(N, FEAT_DIM, generator=torch.Generator().manual_seed(1)), dim=1)
+    feats = F.normalize(torch.randn(N, PROJ_DIM, generator=torch.Generator().manual_seed(1)), dim=1)
     return fit_hierarchy(feats, LEVELS, seed=0, niter=10, nredo=1)
 
 
@@ -280,7 +286,7 @@ def test_semantic_loss_is_wired_to_the_heads(batch, hierarchy) -> None:
     model = make_model("simclr", weight=0.5).eval()  # eval: deterministic BN for the replay
     out = model(views, index, hierarchy, torch.Generator().manual_seed(7))
     method_out = model.method(views)
-    z = [F.normalize(head(method_out.embedding), dim=1) for head in model.heads]
+    z = [F.normalize(head(method_out.projection), dim=1) for head in model.heads]
     expected = semantic_path_loss(z, index, hierarchy, 20, torch.Generator().manual_seed(7))
     torch.testing.assert_close(out.semantic_loss, expected.detach())
     torch.testing.assert_close(out.method_loss, method_out.loss.detach())

@@ -151,7 +151,7 @@ def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     train_cpus = set(cores[:-1]) if len(cores) > 1 else set(cores)
     cfg = bench_config({"hirl.num_clusters": list(p["ks"])})
     model, opt = build_model(cfg)
-    dim = model.method.feat_dim
+    dim = model.method.embedding_dim(cfg.hirl.embedding)  # what the heads and k-means see
     feats = hierarchical_features(p["n"], dim, p["ks"]).astype(np.float16)  # as workers ship
     indices = np.arange(p["n"], dtype=np.int64)
     own_ray = not ray.is_initialized()

@@ -43,10 +43,11 @@ def step_ratio(
     on, opt_on = build_model(cfg_on, seed=0)  # same seed: same backbone and base heads
     batches = Cycle(fixed_batches(cfg_on, STEP_BATCH, 4))
     n = len(build_dataset(cfg_on.data, "train"))
+    dim = on.method.embedding_dim(cfg_on.hirl.embedding)  # what the heads and k-means see
     if hierarchy_fn is None:
-        h = feature_hierarchy(n, on.method.feat_dim, cfg_on.hirl.num_clusters)
+        h = feature_hierarchy(n, dim, cfg_on.hirl.num_clusters)
     else:
-        h = hierarchy_fn(cfg_on, on.method.feat_dim, n)
+        h = hierarchy_fn(cfg_on, dim, n)
     gen = torch.Generator().manual_seed(0)
     run_steps(off, opt_off, batches, None, 2)  # warm-up both
     run_steps(on, opt_on, batches, h, 2, gen)

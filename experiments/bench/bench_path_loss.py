@@ -44,7 +44,7 @@ def official_path_loss(
     h: PrototypeHierarchy,
     num_neg_paths: int,
     generator: torch.Generator | None = None,
-    eps: float = 1e-8,
+    eps: float = 1e-6,
 ) -> Tensor:
     """The official formulation: gather every negative path's centroids, ``(B, M, L, D)``.
 
@@ -68,12 +68,12 @@ def official_path_loss(
     p_neg = ((((z_rep * neg_c).sum(-1) + 1) / 2).clamp(0, 1)).prod(-1)  # (B, M)
     p_pos = ((((zz * pos_c).sum(-1) + 1) / 2).clamp(0, 1)).prod(-1)  # (B,)
     differs = (neg_nodes != pos_nodes[:, None, :]).any(-1)
-    pos_loss = (-torch.log(p_pos + eps)).mean()
     p_neg = torch.where(differs, p_neg, torch.zeros_like(p_neg))
     neg_terms = -torch.log(1 - p_neg + eps)
     mask = differs.float()
-    neg_loss = (neg_terms * mask).sum() / mask.sum().clamp(min=1)
-    return (pos_loss + neg_loss) / 2
+    # Official per-sample average: sum_j mask t / (sum_j mask + eps), then mean of (pos + neg) / 2.
+    neg_loss = (neg_terms * mask).sum(-1) / (mask.sum(-1) + eps)
+    return ((-torch.log(p_pos + eps) + neg_loss) / 2).mean()
 
 
 def random_hierarchy(

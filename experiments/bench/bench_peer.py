@@ -98,7 +98,8 @@ def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     batches = fixed_batches(cfg_on, STEP_BATCH, 4)
     cycle = Cycle(batches)
     h = feature_hierarchy(
-        len(build_dataset(cfg_on.data, "train")), hirl.method.feat_dim, cfg_on.hirl.num_clusters
+        len(build_dataset(cfg_on.data, "train")), hirl.method.embedding_dim(cfg_on.hirl.embedding),
+        cfg_on.hirl.num_clusters,
     )
     gen = torch.Generator().manual_seed(0)
     peer_iter = iter(cycle)

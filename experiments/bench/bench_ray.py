@@ -54,7 +54,8 @@ def loop(config: dict[str, Any]) -> dict[str, float]:
     cfg = bench_config()
     model, opt = build_model(cfg, seed=0)
     h = feature_hierarchy(
-        len(build_dataset(cfg.data, "train")), model.method.feat_dim, cfg.hirl.num_clusters
+        len(build_dataset(cfg.data, "train")), model.method.embedding_dim(cfg.hirl.embedding),
+        cfg.hirl.num_clusters,
     )
     per_worker = config["batch"] // world
     loader = train_loader(cfg, per_worker)

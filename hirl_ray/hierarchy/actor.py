@@ -49,6 +49,7 @@ class ActorSettings:
     nredo: int = 5
     max_points_per_centroid: int = 1000
     use_gpu: bool | None = None
+    kmeans_init: str = "random"  # hirl.kmeans_init: "random" (official) or "kmeans++"
 
 
 class PrototypeActor:
@@ -154,7 +155,8 @@ class PrototypeActor:
                               seed=self.settings.seed + 1000 * version,
                               niter=self.settings.niter, nredo=self.settings.nredo,
                               max_points_per_centroid=self.settings.max_points_per_centroid,
-                              use_gpu=self.settings.use_gpu, version=version)
+                              use_gpu=self.settings.use_gpu, version=version,
+                              init=self.settings.kmeans_init)
             if not bool(present.all()):
                 h = _expand_assignments(h, present)
             save_hierarchy(h, self.settings.snapshot_dir)

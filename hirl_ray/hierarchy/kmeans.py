@@ -3,13 +3,15 @@
 Level 0 clusters the L2-normalised sample features; level ``l`` clusters the normalised
 centroids of level ``l - 1``. This follows the official HIRL ``run_hkmeans`` (itself PCL's
 ``run_kmeans``): ``faiss.Clustering`` with an L2 flat index on normalised inputs, ``seed + level``
-per level, and the PCL concentration estimate per cluster. Three deliberate differences:
+per level, faiss' default (random) seeding (``init="random"``, ``hirl.kmeans_init``), and the
+PCL concentration estimate per cluster. One option and two deliberate differences:
 
-* ``init="kmeans++"`` (default) seeds Lloyd with k-means++, not random points: on planted
-  4/12/48 trees random seeding left NMI at 0.93-0.95 on levels 0-1 (0.70 at the top on less
-  separated trees), k-means++ >= 0.97. Exact k-means++ above level 0 (only K_{l-1} points);
-  level 0 uses the MCMC approximation AFK-MC2 (Bachem et al. 2016), as exact k-means++ over
-  N=100k samples added 20-50% to the level-0 k-means. ``init="random"`` is the official seeding;
+* ``init="kmeans++"`` seeds Lloyd with k-means++: on planted 4/12/48 trees random seeding left
+  NMI at 0.93-0.95 on levels 0-1 (0.70 at the top on less separated trees), k-means++ >= 0.97.
+  Exact k-means++ above level 0 (only K_{l-1} points); level 0 uses the MCMC approximation
+  AFK-MC2 (Bachem et al. 2016). faiss runs both single-threaded on the CPU, even with faiss-gpu,
+  in O(m K^2 D): fine at the built-in K = 48, hours per restart at the paper's K = 30000,
+  D = 2048. Hence random, the official seeding, is the default;
 * assignments (samples → level-0 clusters, centroids → parents) are the nearest *normalised*
   centroid, i.e. the highest cosine, which is exactly the similarity the path loss (Eq. 4)
   uses; the official code assigns to the un-normalised k-means centroid;
@@ -313,7 +315,7 @@ def fit_hierarchy(
     use_gpu: bool | None = None,
     version: int = 0,
     verbose: bool = False,
-    init: str = "kmeans++",
+    init: str = "random",
 ) -> PrototypeHierarchy:
     """Build the prototype tree by hierarchical k-means (HIRL Sec. 3.1, official ``run_hkmeans``).
 
@@ -325,7 +327,8 @@ def fit_hierarchy(
         nredo: k-means restarts per level; the lowest-objective run is kept.
         max_points_per_centroid: faiss trains on at most this many points per cluster (logged).
         use_gpu: ``None`` = GPU when faiss has one; ``True`` falls back to CPU with a log line.
-        init: ``"kmeans++"`` (AFK-MC2 at level 0, exact above) or ``"random"`` (official HIRL).
+        init: ``"random"`` (faiss' default, official HIRL) or ``"kmeans++"`` (AFK-MC2 at
+            level 0, exact above; single-threaded CPU, see the module docstring).
         version: Version stamped on the result.
         verbose: Let faiss print its per-iteration progress.
 

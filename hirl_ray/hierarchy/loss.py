@@ -6,12 +6,18 @@ level-``l`` embeddings ``z_l`` the path probability is (Eq. 4)
     p(path) = prod_l (cos(z_l, c_l[path_l]) + 1) / 2,
 
 the positive path is the sample's own cluster chain, and ``M`` negative paths start at
-level-0 clusters drawn uniformly and follow the parent maps. The loss (Eq. 5-6) is
+level-0 clusters drawn uniformly and follow the parent maps. With ``T_b`` the true negatives of
+sample ``b`` (paths that differ from its positive path at some level), the loss (Eq. 5-6) is,
+with the official code's per-sample average (``neg_average="per_sample"``, the default),
 
-    L = 1/2 * ( mean_b -log(p_pos + eps)  +  mean_{true negs} -log(1 - p_neg + eps) ),
+    L = mean_b 1/2 * ( -log(p_pos_b + eps)  +  mean_{j in T_b} -log(1 - p_neg_bj + eps) ),
 
-where a "true" negative differs from the positive path at some level; with ``M = 0`` only the
-positive term is used. ``z_l`` must already be L2-normalised (the projection head does that).
+(0 for the second term when ``T_b`` is empty), or, ``neg_average="pooled"``, one mean over all
+true negatives of the batch, ``1/2 * (mean_b -log(p_pos_b + eps) + mean_{b, j in T_b} ...)``.
+The two agree when every sample has the same number of true negatives (large ``K_0``), and
+differ when false negatives are frequent (small ``K_0``). With ``M = 0`` only the positive term
+is used. ``eps = 1e-6`` as in the official code. ``z_l`` must already be L2-normalised (the
+projection head does that). Everything runs in float32, also under autocast.
 """
 
 from __future__ import annotations
@@ -52,7 +58,17 @@ def sample_negative_paths(
     return ids.to(device)
 
 
-def _check(z: Sequence[Tensor], index: Tensor, h: PrototypeHierarchy, num_neg_paths: int) -> None:
+#: ``neg_average`` choices: the official per-sample mean, or one mean over the batch's negatives.
+NEG_AVERAGES = ("per_sample", "pooled")
+
+
+def _check(
+    z: Sequence[Tensor], index: Tensor, h: PrototypeHierarchy, num_neg_paths: int, neg_average: str
+) -> None:
+    if neg_average not in NEG_AVERAGES:
+        raise ValueError(
+            f"hirl.neg_average must be one of {', '.join(NEG_AVERAGES)}, got {neg_average!r}"
+        )
     if len(z) != h.num_levels:
         raise ValueError(
             f"semantic_path_loss got {len(z)} embeddings for a {h.num_levels}-level "
@@ -74,13 +90,21 @@ def _check(z: Sequence[Tensor], index: Tensor, h: PrototypeHierarchy, num_neg_pa
         raise ValueError(f"hirl.num_neg_paths must be >= 0, got {num_neg_paths}")
 
 
-def _combine(pos_terms: Tensor, neg_terms: Tensor | None, neg_mask: Tensor | None) -> Tensor:
-    """Eq. 6: average positives, average true negatives (0 if none), then halve the sum."""
-    pos_loss = pos_terms.mean()
+def _combine(pos_terms: Tensor, neg_terms: Tensor | None, neg_mask: Tensor | None,
+             neg_average: str) -> Tensor:
+    """Eq. 6: halve positive + mean true-negative term (0 if none), per sample or pooled.
+
+    ``pos_terms``: ``(B,)``; ``neg_terms``, ``neg_mask``: ``(B, M)`` (mask 1 = true negative).
+    The per-sample mean divides by the count of true negatives (at least 1); the official
+    ``/ (count + 1e-6)`` differs from it by a relative 1e-6 at most.
+    """
     if neg_terms is None or neg_mask is None:
-        return pos_loss
-    neg_loss = (neg_terms * neg_mask).sum() / neg_mask.sum().clamp(min=1)
-    return (pos_loss + neg_loss) / 2
+        return pos_terms.mean()
+    masked = neg_terms * neg_mask
+    if neg_average == "pooled":
+        return (pos_terms.mean() + masked.sum() / neg_mask.sum().clamp(min=1)) / 2
+    per_sample = masked.sum(dim=1) / neg_mask.sum(dim=1).clamp(min=1)
+    return ((pos_terms + per_sample) / 2).mean()
 
 
 #: CPU cost model for one level with ``K`` prototypes and ``J = 1 + M`` paths per sample, measured
@@ -131,11 +155,16 @@ class _PathCosines(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         c, nodes = ctx.saved_tensors
         grad = grad.contiguous()
-        if ctx.bag:
-            dz = torch.nn.functional.embedding_bag(nodes, c, per_sample_weights=grad, mode="sum")
-        else:
-            dense = grad.new_zeros(grad.shape[0], c.shape[0]).scatter_add_(1, nodes, grad)
-            dz = dense @ c
+        # A custom backward runs under the autocast state of the caller of .backward(), not of
+        # the forward: keep it in float32 like the forward.
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.bag:
+                dz = torch.nn.functional.embedding_bag(
+                    nodes, c, per_sample_weights=grad.float(), mode="sum"
+                )
+            else:
+                dense = grad.new_zeros(grad.shape[0], c.shape[0]).scatter_add_(1, nodes, grad)
+                dz = dense.float() @ c
         return dz, None, None, None, None
 
 
@@ -156,7 +185,8 @@ def semantic_path_loss(
     h: PrototypeHierarchy,
     num_neg_paths: int,
     generator: torch.Generator | None = None,
-    eps: float = 1e-8,
+    eps: float = 1e-6,
+    neg_average: str = "per_sample",
 ) -> Tensor:
     """Semantic path discrimination (HIRL Eq. 4-6), batched.
 
@@ -171,17 +201,46 @@ def semantic_path_loss(
 
     Args:
         z: ``L`` tensors ``(B, D)``, L2-normalised level-``l`` projections (any float dtype;
-            computed in float32).
+            computed in float32 with autocast disabled: in fp16/bf16 a cosine near 1 is off by
+            up to 1e-3/4e-3, which ``-log(1 - p + eps)`` amplifies).
         index: ``(B,)`` dataset indices of the samples (rows of ``h.assignments``).
         h: The prototype hierarchy.
         num_neg_paths: Negative paths per sample ``M`` (``hirl.num_neg_paths``); 0 = positive only.
         generator: Random source for the negatives (see :func:`sample_negative_paths`).
-        eps: Keeps the logs finite.
+        eps: Keeps the logs finite (official value 1e-6).
+        neg_average: ``"per_sample"`` (official) or ``"pooled"``, see the module docstring.
 
     Returns:
         Scalar loss.
     """
-    _check(z, index, h, num_neg_paths)
+    _check(z, index, h, num_neg_paths, neg_average)
+    with torch.autocast(z[0].device.type, enabled=False):
+        return _semantic_path_loss_fp32(
+            [zl.float() for zl in z], index, h, num_neg_paths, generator, eps, neg_average
+        )
+
+
+def _factor(cos: Tensor) -> Tensor:
+    """``(cos + 1) / 2`` clamped to [0, 1] in value but not in gradient.
+
+    Rounding can push the cosine of unit vectors just past +-1, and ``1 - p`` must stay >= 0 for
+    any ``eps``. A plain clamp would zero the gradient there: with ``z`` on its prototype the
+    cosine lands at 1 +- 1 ulp depending on the CPU's kernels, so the gradient would be 0 on one
+    machine and not on another. The official code does not clamp; its gradient is what we keep.
+    """
+    f = (cos + 1) / 2
+    return f + (f.clamp(0, 1) - f).detach()
+
+
+def _semantic_path_loss_fp32(
+    z: list[Tensor],
+    index: Tensor,
+    h: PrototypeHierarchy,
+    num_neg_paths: int,
+    generator: torch.Generator | None,
+    eps: float,
+    neg_average: str,
+) -> Tensor:
     device = z[0].device
     batch = z[0].shape[0]
     rows = index.to(h.assignments[0].device, torch.long)
@@ -199,62 +258,12 @@ def semantic_path_loss(
             differs |= neg != nodes
             nodes = torch.cat([nodes, neg], dim=1)
         centroids = h.centroids[level].to(device=device, dtype=torch.float32).detach()
-        # Clamp: rounding can push a cosine of unit vectors past 1, and 1 - p must stay >= 0.
-        p = p * ((_path_cosines(z[level].float(), centroids, nodes) + 1) / 2).clamp(0, 1)
+        p = p * _factor(_path_cosines(z[level], centroids, nodes))
     pos_terms = -torch.log(p[:, 0] + eps)
     if neg_start is None:
-        return _combine(pos_terms, None, None)
+        return _combine(pos_terms, None, None, neg_average)
     # Zero the probability of masked (false) negatives before the log so that neither the value
     # nor the gradient of log(1 - p + eps) can blow up on them, even with eps = 0.
     p_neg = torch.where(differs, p[:, 1:], torch.zeros_like(p[:, 1:]))
     neg_terms = -torch.log(1 - p_neg + eps)
-    return _combine(pos_terms, neg_terms, differs.float())
-
-
-def _path_probability(
-    z: Sequence[Tensor], b: int, path: list[int], h: PrototypeHierarchy
-) -> Tensor:
-    p = torch.ones((), device=z[0].device)
-    for level, node in enumerate(path):
-        c = h.centroids[level][node].to(device=z[0].device, dtype=torch.float32)
-        cos = torch.dot(z[level][b].float(), c)
-        p = p * ((cos + 1) / 2).clamp(0, 1)
-    return p
-
-
-def semantic_path_loss_reference(
-    z: Sequence[Tensor],
-    index: Tensor,
-    h: PrototypeHierarchy,
-    num_neg_paths: int,
-    generator: torch.Generator | None = None,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Slow, literal Eq. 4-6: Python loops over samples, paths and levels. For tests only.
-
-    Uses :func:`sample_negative_paths` exactly like :func:`semantic_path_loss`, so the two agree
-    for identically seeded generators; paths are followed through ``h.parents`` one hop at a time.
-    """
-    _check(z, index, h, num_neg_paths)
-    batch = z[0].shape[0]
-    neg_start = sample_negative_paths(h, batch, num_neg_paths, generator, "cpu")
-    pos_terms, neg_terms = [], []
-    for b in range(batch):
-        sample = int(index[b])
-        pos_path = [int(h.assignments[level][sample]) for level in range(h.num_levels)]
-        pos_terms.append(-torch.log(_path_probability(z, b, pos_path, h) + eps))
-        for m in range(num_neg_paths):
-            node = int(neg_start[b, m])
-            path = [node]
-            for parent in h.parents:
-                node = int(parent[node])
-                path.append(node)
-            if path != pos_path:
-                neg_terms.append(-torch.log(1 - _path_probability(z, b, path, h) + eps))
-    pos = torch.stack(pos_terms)
-    if num_neg_paths == 0:
-        return _combine(pos, None, None)
-    if not neg_terms:
-        return _combine(pos, torch.zeros(1, device=pos.device), torch.zeros(1, device=pos.device))
-    neg = torch.stack(neg_terms)
-    return _combine(pos, neg, torch.ones_like(neg))
+    return _combine(pos_terms, neg_terms, differs.float(), neg_average)

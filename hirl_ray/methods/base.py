@@ -8,9 +8,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hirl_ray.config import MethodConfig
+
+
+#: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
+EMBEDDINGS = ("projection", "backbone")
 
 
 @dataclass
@@ -20,11 +25,15 @@ class MethodOutput:
     Attributes:
         loss: Scalar SSL loss.
         embedding: ``(B, feat_dim)`` online *backbone* features of ``views[0]``, with grad;
-            HIRL attaches its per-level heads here (HIRL Sec. 3.2).
+            HIRL's heads sit here with ``hirl.embedding=backbone``.
+        projection: ``(B, proj_dim)`` online *projector* output of ``views[0]`` (before any
+            normalisation), with grad: the official HIRL ``inst_emb``, where its heads sit
+            (``hirl.embedding=projection``, HIRL Sec. 3.2).
     """
 
     loss: Tensor
     embedding: Tensor
+    projection: Tensor
 
 
 class SSLMethod(nn.Module):
@@ -67,10 +76,41 @@ class SSLMethod(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """Frozen-evaluation features ``self.backbone(x)``, ``(B, feat_dim)``.
 
-        Used for kNN and as the clustering input; the caller chooses ``eval()`` mode and
+        Used for kNN and linear evaluation; the caller chooses ``eval()`` mode and
         ``torch.no_grad()`` (BN must be in eval mode for evaluation, lightly #1444).
         """
         return self.backbone(x)
+
+    def embedding_dim(self, embedding: str) -> int:
+        """Width of ``hirl.embedding``: the HIRL heads' input and the clustered features."""
+        _check_embedding(embedding)
+        return self.feat_dim if embedding == "backbone" else self.cfg.proj_dim
+
+    def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """The ``(backbone, projector)`` whose output is clustered (official ``forward_feature``).
+
+        The target/momentum network where the method has one, else the online network.
+        """
+        raise NotImplementedError  # pragma: no cover - every method says which
+
+    def cluster_embed(self, x: Tensor, embedding: str = "projection") -> Tensor:
+        """L2-normalised float32 clustering input ``(B, embedding_dim(embedding))``.
+
+        The projector output (``projection``) or the backbone output (``backbone``) of
+        :meth:`clustering_encoder`. As for :meth:`embed`, the caller picks ``eval()`` and
+        ``no_grad`` (official HIRL extracts in eval mode, on un-augmented images).
+        """
+        _check_embedding(embedding)
+        backbone, projector = self.clustering_encoder()
+        h = backbone(x)
+        return F.normalize((h if embedding == "backbone" else projector(h)).float(), dim=1)
+
+
+def _check_embedding(embedding: str) -> None:
+    if embedding not in EMBEDDINGS:
+        raise ValueError(
+            f"hirl.embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}"
+        )
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -44,11 +44,16 @@ class BYOL(SSLMethod):
         b = views[0].shape[0]
         x = torch.cat(views)
         h = self.backbone(x)
-        p = self.predictor(self.projector(h))
+        z = self.projector(h)
+        p = self.predictor(z)
         with torch.no_grad():
             zt = self.target_projector(self.target_backbone(x))
         loss = byol_loss(p[:b], zt[b:]) + byol_loss(p[b:], zt[:b])
-        return MethodOutput(loss=loss, embedding=h[:b])
+        return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+
+    def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """The target (EMA) network, the analogue of MoCo's key encoder."""
+        return self.target_backbone, self.target_projector
 
     @torch.no_grad()
     def update_target(self, progress: float) -> None:

@@ -35,38 +35,59 @@ class StepOutput:
 class HirlModel(nn.Module):
     """Base SSL method + HIRL per-level projection heads (HIRL Sec. 3.2, Eq. 7).
 
-    Level ``l``'s head maps the online backbone feature of ``views[0]`` to
-    ``z_l = normalize(head_l(h))``; the semantic path loss (Eq. 4–6) scores ``z`` against the
-    prototype tree. Centroids are k-means centres of L2-normalised ``method.embed`` features of
-    un-augmented images, i.e. they live in the backbone feature space, so every head maps
-    ``feat_dim → feat_dim``.
+    Level ``l``'s head maps the online embedding of ``views[0]`` to
+    ``z_l = normalize(head_l(e))``; the semantic path loss (Eq. 4-6) scores ``z`` against the
+    prototype tree, whose centroids are k-means centres of :meth:`cluster_embed` features (the
+    same kind of embedding, from the target network where the method has one). Which embedding
+    is ``hirl.embedding``:
+
+    * ``projection`` (official): ``e`` is the projector output (MoCo v2: 128-d, SimSiam:
+      2048-d) and the clustered features are the target's (else online) projector output;
+    * ``backbone``: ``e`` and the clustered features are backbone outputs (ResNet-50: 2048-d).
+
+    Cost, with ``d`` the embedding width and ``D`` the clustered width (here ``d = D``): each
+    head is the official ``layers.MLP(d, [d, d], batch_norm=True)``, i.e. Linear(d, d, no bias)
+    -BN-ReLU-Linear(d, d), ``2 d^2 + 3 d`` parameters (33k at d = 128, 8.4M at d = 2048: 3
+    heads of 25M); k-means work and memory grow ∝ ``D`` (16x from 128 to 2048).
 
     Args:
         method: The base SSL method (owns the backbone).
         num_levels: Number of hierarchy levels (0 when HIRL is disabled: no heads).
-        weight: λ, the weight of the semantic loss in the total (Eq. 7).
+        weight: λ, the weight of the semantic loss in the total (Eq. 7; official: 1).
         num_neg_paths: Negative paths sampled per sample for the path loss.
+        embedding: ``hirl.embedding``, ``"projection"`` or ``"backbone"``.
+        neg_average: ``hirl.neg_average``, ``"per_sample"`` (official) or ``"pooled"``.
     """
 
     def __init__(
-        self, method: SSLMethod, num_levels: int, weight: float = 1.0, num_neg_paths: int = 100
+        self,
+        method: SSLMethod,
+        num_levels: int,
+        weight: float = 1.0,
+        num_neg_paths: int = 100,
+        embedding: str = "projection",
+        neg_average: str = "per_sample",
     ) -> None:
         super().__init__()
         if num_levels < 0:
             raise ValueError(f"num_levels must be >= 0, got {num_levels}")
         self.method = method
-        d = method.feat_dim
+        self.embedding = embedding
+        d = method.embedding_dim(embedding)
         self.heads = nn.ModuleList(mlp(d, d, d) for _ in range(num_levels))
         self.weight = float(weight)
         self.num_neg_paths = int(num_neg_paths)
+        self.neg_average = neg_average
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HirlModel:
         """Backbone + method from ``cfg``, with one head per ``hirl.num_clusters`` level."""
         from hirl_ray.methods import build_method
 
-        levels = len(cfg.hirl.num_clusters) if cfg.hirl.enabled else 0
-        return cls(build_method(cfg), levels, cfg.hirl.weight, cfg.hirl.num_neg_paths)
+        h = cfg.hirl
+        levels = len(h.num_clusters) if h.enabled else 0
+        return cls(build_method(cfg), levels, h.weight, h.num_neg_paths, h.embedding,
+                   h.neg_average)
 
     def forward(
         self,
@@ -95,13 +116,17 @@ class HirlModel(nn.Module):
                     f"{len(self.heads)} heads; hirl.num_clusters changed since the "
                     "model was built"
                 )
-            z = [F.normalize(head(out.embedding), dim=1) for head in self.heads]
-            semantic = semantic_path_loss(z, index, hierarchy, self.num_neg_paths, generator)
+            e = out.projection if self.embedding == "projection" else out.embedding
+            z = [F.normalize(head(e), dim=1) for head in self.heads]
+            semantic = semantic_path_loss(
+                z, index, hierarchy, self.num_neg_paths, generator, neg_average=self.neg_average
+            )
             loss = loss + self.weight * semantic
         elif len(self.heads) > 0:
             # DDP with find_unused_parameters=False requires every trainable parameter to get
             # a gradient on every rank in every step, or the all-reduce hangs/errors. During
-            # warm-up the heads are unused, so tie them into the graph with a zero term.
+            # warm-up the heads are unused, so tie them into the graph with a zero term; the
+            # loop then drops those zero gradients (drop_head_grads) before the step.
             loss = loss + 0.0 * sum(p.sum() for p in self.heads.parameters())
         return StepOutput(
             loss=loss,
@@ -114,6 +139,24 @@ class HirlModel(nn.Module):
         """Forward to the method's target/key-network update (after each optimiser step)."""
         self.method.update_target(progress)
 
+    def drop_head_grads(self) -> None:
+        """Set the heads' gradients to ``None``: call after a backward without semantic loss.
+
+        In warm-up the official heads are unused parameters (DDP ``find_unused_parameters``),
+        get no gradient and are skipped by the optimiser: untouched. Ours get a zero gradient
+        (for DDP, see :meth:`forward`), which SGD's weight decay and momentum (and AdamW's
+        decoupled decay) would still turn into updates; with ``None`` every optimiser skips them.
+        """
+        for p in self.heads.parameters():
+            p.grad = None
+
     def embed(self, x: Tensor) -> Tensor:
-        """Backbone features ``(B, feat_dim)``, the same as ``method.embed``."""
+        """Backbone features ``(B, feat_dim)`` for kNN/linear evaluation (``method.embed``)."""
         return self.method.embed(x)
+
+    def cluster_embed(self, x: Tensor) -> Tensor:
+        """The features the hierarchy is built from: ``method.cluster_embed`` (``hirl.embedding``).
+
+        L2-normalised, ``(B, method.embedding_dim(hirl.embedding))``.
+        """
+        return self.method.cluster_embed(x, self.embedding)

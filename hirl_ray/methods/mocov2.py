@@ -82,14 +82,19 @@ class MoCoV2(SSLMethod):
         self._check_views(views)
         b = views[0].shape[0]
         h = self.backbone(torch.cat(views))
-        q = F.normalize(self.projector(h), dim=1)
+        z = self.projector(h)
+        q = F.normalize(z, dim=1)
         k = self._keys(torch.cat(views))
         queue = self.queue.clone().detach()  # the enqueue below must not alter the graph
         t = self.cfg.temperature
         loss = 0.5 * (info_nce_loss(q[:b], k[b:], queue, t) + info_nce_loss(q[b:], k[:b], queue, t))
         if self.training:
             self._enqueue(k)
-        return MethodOutput(loss=loss, embedding=h[:b])
+        return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+
+    def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """The key (momentum) encoder, as official HIRL-MoCo's ``forward_feature``."""
+        return self.key_backbone, self.key_projector
 
     @torch.no_grad()
     def update_target(self, progress: float) -> None:

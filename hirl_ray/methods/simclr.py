@@ -59,4 +59,8 @@ class SimCLR(SSLMethod):
         h = self.backbone(torch.cat(views))
         z = self.projector(h)
         loss = nt_xent_loss(z[:b], z[b:], self.cfg.temperature)
-        return MethodOutput(loss=loss, embedding=h[:b])
+        return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+
+    def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """No target network: the online backbone and projector are clustered."""
+        return self.backbone, self.projector

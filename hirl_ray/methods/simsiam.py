@@ -41,4 +41,8 @@ class SimSiam(SSLMethod):
         z = self.projector(h)
         p = self.predictor(z)
         loss = 0.5 * (negative_cosine_loss(p[:b], z[b:]) + negative_cosine_loss(p[b:], z[:b]))
-        return MethodOutput(loss=loss, embedding=h[:b])
+        return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+
+    def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """The online encoder incl. projector, as official HIRL-SimSiam's ``forward_feature``."""
+        return self.backbone, self.projector

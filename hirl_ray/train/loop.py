@@ -144,10 +144,16 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         optimizer.zero_grad(set_to_none=True)
         if use_amp:
             scaler.scale(out.loss).backward()
+        else:
+            out.loss.backward()
+        if out.semantic_loss is None and hasattr(inner, "drop_head_grads"):
+            # Warm-up: the heads were unused; leave them exactly as they are (official HIRL),
+            # not moved by weight decay or momentum through their zero (DDP) gradients.
+            inner.drop_head_grads()
+        if use_amp:
             scaler.step(optimizer)
             scaler.update()
         else:
-            out.loss.backward()
             optimizer.step()
         inner.method.update_target(min(1.0, (step + 1) / total_steps))
         step += 1

@@ -73,7 +73,8 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             snapshot_dir=storage.join(run_dir, "hierarchy"), num_clusters=cfg.hirl.num_clusters,
             num_samples=num_samples, seed=cfg.train.seed, niter=cfg.hirl.kmeans_iters,
             nredo=cfg.hirl.kmeans_nredo, max_points_per_centroid=cfg.hirl.max_points_per_centroid,
-            use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False),
+            use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False,
+            kmeans_init=cfg.hirl.kmeans_init),
             num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
     trainer = TorchTrainer(
         train_worker,

@@ -165,7 +165,8 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     def rebuild(completed: int) -> None:
         assert isinstance(hierarchy, HierarchyClient)
         with eval_mode(unwrap(ddp)):
-            feats, idx = extract_features(unwrap(ddp).embed, feature_loader, device, amp=use_amp)
+            feats, idx = extract_features(unwrap(ddp).cluster_embed, feature_loader, device,
+                                          amp=use_amp)  # hirl.embedding, target network
         hierarchy.submit(completed, idx, feats)
         if not cfg.hirl.async_rebuild:
             hierarchy.wait()
