@@ -130,9 +130,9 @@ def check_path_loss(device: torch.device, quick: bool) -> dict[str, Any]:
     ref.backward()
     grad_err = max(float((zd.grad.cpu().double() - zr.grad).abs().max() /
                          zr.grad.abs().max().clamp(min=1e-12)) for zd, zr in zip(z_dev, z64))
-    loss_err = abs(float(loss) - float(ref)) / abs(float(ref))
+    loss_err = abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach()))
     return {"ok": loss.dtype == torch.float32 and loss_err < 1e-4 and grad_err < 1e-3,
-            "loss": float(loss), "reference": float(ref), "loss_dtype": str(loss.dtype),
+            "loss": float(loss.detach()), "reference": float(ref.detach()), "loss_dtype": str(loss.dtype),
             "rel_loss_err": loss_err, "rel_grad_err": grad_err}
 
 
