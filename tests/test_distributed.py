@@ -23,28 +23,35 @@ import torch.multiprocessing as mp
 
 from hirl_ray.config import ConfigError, MethodConfig, ModelConfig, load_config
 from hirl_ray.methods import METHODS, HirlModel
-from hirl_ray.methods.distributed import convert_sync_batchnorm, ddp_kwargs, gather_no_grad
+from hirl_ray.methods.distributed import (
+    broadcast_buffers,
+    convert_sync_batchnorm,
+    ddp_kwargs,
+    gather_no_grad,
+)
 from hirl_ray.models import build_backbone
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
 CASES = (("simclr", True), ("mocov2", True), ("mocov2", False))  # (method, sync_bn)
 
 
-def make_model(name: str, sync_bn: bool) -> HirlModel:
+def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
     """The same initial weights in every process (seeded), BN converted as in training."""
     torch.manual_seed(0)
     cfg = MethodConfig(name=name, proj_dim=16, hidden_dim=32, temperature=0.2, momentum=0.9,
                        queue_size=QUEUE)
     backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=8), SIZE)
     model = HirlModel(METHODS[name](backbone, feat_dim, cfg), num_levels=0)
-    return convert_sync_batchnorm(model) if sync_bn else model
+    model = convert_sync_batchnorm(model, device) if sync_bn else model
+    return model.to(device)
 
 
-def global_batches() -> list[list[torch.Tensor]]:
+def global_batches(device: str = "cpu") -> list[list[torch.Tensor]]:
     """STEPS batches of two views of WORLD·B images; rank r takes rows r·B:(r+1)·B."""
     g = torch.Generator().manual_seed(1)
     base = [torch.rand(WORLD * B, 3, SIZE, SIZE, generator=g) for _ in range(STEPS)]
-    return [[x + 0.1 * torch.randn(x.shape, generator=g) for _ in range(2)] for x in base]
+    return [[(x + 0.1 * torch.randn(x.shape, generator=g)).to(device) for _ in range(2)]
+            for x in base]
 
 
 def run_steps(model, batches, index) -> dict:
@@ -57,7 +64,7 @@ def run_steps(model, batches, index) -> dict:
         opt.zero_grad()
         loss.backward()
         if step == 0:
-            out["grad"] = {n: p.grad.clone() for n, p in inner.named_parameters()
+            out["grad"] = {n: p.grad.to("cpu", copy=True) for n, p in inner.named_parameters()
                            if p.grad is not None}
         opt.step()
         inner.update_target((step + 1) / len(batches))
@@ -67,30 +74,37 @@ def run_steps(model, batches, index) -> dict:
             loss /= dist.get_world_size()
         out["loss"].append(loss.item())
         if hasattr(inner.method, "queue"):
-            out["queue"].append(inner.method.queue.clone())
-    out["state"] = {k: v.clone() for k, v in inner.state_dict().items()}
+            out["queue"].append(inner.method.queue.to("cpu", copy=True))
+    out["state"] = {k: v.to("cpu", copy=True) for k, v in inner.state_dict().items()}
     return out
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str, device: str) -> None:
     torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convs alone differ by more than 1e-4
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(100 + rank)  # ranks' RNGs differ, as in the worker (seed + rank)
     results = {}
     rows = slice(rank * B, (rank + 1) * B)
     for name, sync_bn in CASES:
-        model = make_model(name, sync_bn)
+        model = make_model(name, sync_bn, device)
         if name == "mocov2" and rank > 0:  # DDP's init sync must make the queues agree
             model.method.queue.copy_(torch.nn.functional.normalize(
                 torch.randn(model.method.queue.shape), dim=1))
-        ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs())
-        batches = [[v[rows] for v in views] for views in global_batches()]
+        kwargs = ddp_kwargs()
+        if device != "cpu":
+            kwargs["device_ids"] = [torch.device(device).index or 0]
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+        if "broadcast_buffers" in kwargs:  # older torch: no buffer sync at init either
+            broadcast_buffers(model)
+        batches = [[v[rows] for v in views] for views in global_batches(device)]
         if name == "mocov2":  # this rank's keys of the first batch, without shuffle-BN
             key_model = copy.deepcopy(model.method)
             results[f"{name}-{sync_bn}-unshuffled"] = gather_no_grad(
-                key_model._keys(torch.cat(batches[0])))
-        results[f"{name}-{sync_bn}"] = run_steps(ddp, batches, torch.arange(B) + rank * B)
+                key_model._keys(torch.cat(batches[0]))).cpu()
+        results[f"{name}-{sync_bn}"] = run_steps(
+            ddp, batches, torch.arange(B, device=device) + rank * B)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -101,12 +115,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> list[dict]:
-    """Results of the CASES on two gloo ranks (spawned once for the module)."""
-    out_dir = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+def spawn_two_ranks(out_dir: Path, device: str) -> list[dict]:
+    """Results of the CASES on two gloo ranks on ``device``."""
+    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(out_dir), device),
+                             nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -119,16 +131,21 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """The CASES on two CPU ranks (spawned once for the module)."""
+    return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), "cpu")
+
+
 def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2"])
-def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
+def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu") -> None:
     """Same losses, DDP-averaged gradients, and parameters/BN stats/queue after two steps."""
-    torch.set_num_threads(1)
-    ref = run_steps(make_model(name, sync_bn=True), global_batches(), torch.arange(WORLD * B))
-    for rank, res in enumerate(two_ranks):
+    ref = run_steps(make_model(name, True, device), global_batches(device),
+                    torch.arange(WORLD * B, device=device))
+    for rank, res in enumerate(results):
         got = res[f"{name}-True"]
         close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]), f"rank {rank} losses")
         assert got["grad"].keys() == ref["grad"].keys()
@@ -136,6 +153,24 @@ def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks
             close(got["grad"][k], g, f"rank {rank} grad {k}")
         for k, v in ref["state"].items():  # weights, key encoder, BN running stats, queue
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
+
+
+@pytest.mark.parametrize("name", ["simclr", "mocov2"])
+def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
+    torch.set_num_threads(1)
+    check_equal_to_one_worker(name, two_ranks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_workers_equal_one_worker_on_cuda(tmp_path) -> None:
+    """The same on one GPU shared by two gloo ranks: PyTorch's own SyncBatchNorm (CUDA) and
+    the gathers on CUDA tensors (NCCL would need one GPU per rank)."""
+    torch.backends.cudnn.allow_tf32 = False
+    results = spawn_two_ranks(tmp_path, "cuda")
+    for name in ("simclr", "mocov2"):
+        check_equal_to_one_worker(name, results, "cuda")
+    q = [res["mocov2-False"]["queue"][0] for res in results]
+    assert torch.equal(q[0], q[1])  # shuffle-BN on CUDA: the queues still agree
 
 
 def test_moco_queue_holds_every_ranks_keys_and_is_identical(two_ranks) -> None:
