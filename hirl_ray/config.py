@@ -4,8 +4,8 @@ Every key has one typed home here. Unknown keys, wrong types and impossible valu
 raise :class:`ConfigError` with one line that names the key and says the fix, before
 any data is generated or Ray is started.
 
-Batch size is *global* (summed over Ray Train workers); each worker gets
-``train.batch_size // train.num_workers``. The learning rate is used as given
+Batch size is *global* (summed over Ray Train workers) and must divide evenly: each worker
+gets ``train.batch_size / train.num_workers``. The learning rate is used as given
 (no implicit scaling rule).
 """
 
@@ -45,11 +45,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone: small_cnn | resnet18 | resnet50 (``small_stem`` for ≤64 px inputs)."""
+    """Backbone: small_cnn | resnet18 | resnet50 (``small_stem`` for ≤64 px inputs).
+
+    ``sync_bn``: with more than one worker, BatchNorm statistics are computed over the global
+    batch (SyncBatchNorm, also on CPU/gloo) instead of each worker's share.
+    """
 
     backbone: str = "small_cnn"
     small_stem: bool = True
     width: int = 64
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if gpus > 1 and gpus != int(gpus):
         raise ConfigError(f"train.gpus_per_worker must be a fraction <= 1 or a whole number, got "
                           f"{gpus}; Ray cannot split a request across GPUs")
+    if cfg.train.batch_size % cfg.train.num_workers:
+        b, w = cfg.train.batch_size, cfg.train.num_workers
+        raise ConfigError(f"train.batch_size ({b}) is global and must be divisible by "
+                          f"train.num_workers ({w}); use e.g. train.batch_size={b // w * w or w}")
     if cfg.train.batch_size < cfg.train.num_workers * 2:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is global and must give "
                           f"each of the {cfg.train.num_workers} workers >= 2 samples")

@@ -10,6 +10,14 @@ from torch import Tensor, nn
 
 from hirl_ray.config import MethodConfig
 from hirl_ray.methods.base import MethodOutput, SSLMethod, ema_update, frozen_copy
+from hirl_ray.methods.distributed import (
+    gather_no_grad,
+    has_sync_bn,
+    rank,
+    shuffle_across_ranks,
+    unshuffle_across_ranks,
+    world_size,
+)
 from hirl_ray.models.heads import mlp
 
 
@@ -44,12 +52,14 @@ class MoCoV2(SSLMethod):
     ``cfg.momentum`` in :meth:`update_target`, after the optimiser step, which is the same
     order as MoCo's "update keys, then encode" at the start of the next step.
 
-    The queue is per worker: keys are not all-gathered across Ray Train workers, so there is
-    no collective in the loss. Note that DDP's default ``broadcast_buffers=True`` copies
-    rank 0's buffers (queue included) to every rank at each forward, so under DDP all ranks
-    in effect use rank 0's queue as negatives; that is harmless (they are still keys from
-    past batches) and keeps the ranks' models identical. There is no shuffle-BN; the key
-    encoder's BN sees both views of the local batch.
+    Under DDP the keys of every rank are all-gathered (no gradient; MoCo's
+    ``concat_all_gather``) and all ``2·B_global`` of them are enqueued on every rank, so the
+    queue spans ``queue_size / (2·B_global)`` steps, as in MoCo, and is identical on all ranks
+    (DDP must not broadcast buffers, see :func:`~hirl_ray.methods.distributed.ddp_kwargs`).
+    The key encoder's BN must not see a query's batch-mates alone, or BN leaks which key is
+    the positive (He et al. 2020, Sec. 3.3): with ``model.sync_bn`` its BN is global; without
+    it the key batch is shuffled across ranks (MoCo's shuffle-BN). With one rank neither
+    applies and BN is over the local batch.
     """
 
     name: ClassVar[str] = "mocov2"
@@ -77,19 +87,34 @@ class MoCoV2(SSLMethod):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.add_(n).remainder_(size)  # in place, no host sync
 
+    @torch.no_grad()
+    def _keys_of_all_ranks(self, x: Tensor) -> Tensor:
+        """Keys of all ranks' ``x`` in rank order, ``(W·2B, D)``; shuffle-BN unless BN is synced."""
+        if world_size() > 1 and not has_sync_bn(self.key_backbone):
+            shuffled, inverse = shuffle_across_ranks(x)
+            return unshuffle_across_ranks(self._keys(shuffled), inverse)
+        return gather_no_grad(self._keys(x))
+
     def forward(self, views: list[Tensor]) -> MethodOutput:
-        """Symmetric InfoNCE against the queue, then enqueue this batch's keys."""
+        """Symmetric InfoNCE against the queue, then enqueue the keys of all ranks."""
         self._check_views(views)
         b = views[0].shape[0]
         h = self.backbone(torch.cat(views))
         z = self.projector(h)
         q = F.normalize(z, dim=1)
-        k = self._keys(torch.cat(views))
+        if self.training:
+            all_k = self._keys_of_all_ranks(torch.cat(views))
+            k = all_k[rank() * 2 * b:(rank() + 1) * 2 * b]
+        else:  # evaluation may run on one rank alone: no collectives
+            k = all_k = self._keys(torch.cat(views))
         queue = self.queue.clone().detach()  # the enqueue below must not alter the graph
         t = self.cfg.temperature
         loss = 0.5 * (info_nce_loss(q[:b], k[b:], queue, t) + info_nce_loss(q[b:], k[:b], queue, t))
         if self.training:
-            self._enqueue(k)
+            # View-major order (all view-1 keys, then all view-2), as one worker with the
+            # global batch would enqueue them.
+            w = all_k.shape[0] // (2 * b)
+            self._enqueue(all_k.view(w, 2, b, -1).transpose(0, 1).reshape(all_k.shape))
         return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
 
     def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:

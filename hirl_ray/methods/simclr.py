@@ -10,39 +10,54 @@ from torch import Tensor, nn
 
 from hirl_ray.config import MethodConfig
 from hirl_ray.methods.base import MethodOutput, SSLMethod
+from hirl_ray.methods.distributed import gather, rank
 from hirl_ray.models.heads import mlp
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """Normalised temperature-scaled cross entropy (SimCLR Eq. 1), averaged over all 2B anchors.
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, all_z1: Tensor | None = None,
+                 all_z2: Tensor | None = None, offset: int = 0) -> Tensor:
+    """Normalised temperature-scaled cross entropy (SimCLR Eq. 1), averaged over the anchors.
 
     ℓ(i, j) = −log exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ), where j is the other
-    view of i and the 2B−2 other samples of the batch are the negatives.
+    view of i and the 2N−2 other samples of the (global) batch are the negatives.
 
     Args:
-        z1: ``(B, D)`` projections of view 1 (need not be normalised).
+        z1: ``(B, D)`` projections of view 1, the anchors (need not be normalised).
         z2: ``(B, D)`` projections of view 2.
         temperature: τ > 0.
+        all_z1: ``(N, D)`` view-1 projections of the whole batch over all ranks (rows
+            ``offset:offset+B`` are ``z1``); ``None``: ``z1`` itself (N = B).
+        all_z2: Same for view 2.
+        offset: Row of ``z1[0]`` in ``all_z1``.
 
     Returns:
-        Scalar loss.
+        Scalar loss, the mean over the ``2B`` anchors ``z1``, ``z2``.
     """
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.T / temperature
+    if all_z1 is None or all_z2 is None:
+        all_z1, all_z2 = z1, z2
+    n = all_z1.shape[0]
+    c = F.normalize(torch.cat([all_z1, all_z2]).float(), dim=1)
+    logits = z @ c.T / temperature
+    rows = torch.arange(2 * b, device=z.device)
+    own = torch.cat([offset + rows[:b], n + offset + rows[:b]])  # anchor i's column in c
     # Exclude self-similarity from the denominator (k ≠ i).
-    logits.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    logits[rows, own] = float("-inf")
+    targets = torch.cat([own[b:], own[:b]])  # the other view of the same image
     return F.cross_entropy(logits, targets)
 
 
 class SimCLR(SSLMethod):
-    """SimCLR: backbone → MLP projector → NT-Xent.
+    """SimCLR: backbone → MLP projector → NT-Xent with negatives from every rank.
 
-    Negatives are the other samples of the *local* (per-worker) batch only: there is no
-    all-gather across Ray Train workers. This keeps the loss free of collectives (whose
-    gradients are easy to get wrong, lightly #1528) at the cost of fewer negatives per anchor
-    (2·B_local − 2 instead of 2·B_global − 2).
+    Under DDP the projections of both views are all-gathered across ranks with a
+    gradient-preserving gather (:func:`~hirl_ray.methods.distributed.gather`): each local
+    anchor is contrasted with the other ``2·B_global − 2`` samples of the global batch, as in
+    SimCLR (Sec. 2 and Appendix B.1, large global batches), instead of ``2·B_local − 2``. The
+    loss is the mean over the local anchors; DDP's gradient average then makes the gradients
+    equal those of one worker on the global batch. BN statistics are global only with
+    ``model.sync_bn`` (SimCLR's "global BN").
     """
 
     name: ClassVar[str] = "simclr"
@@ -52,14 +67,16 @@ class SimCLR(SSLMethod):
         self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
 
     def forward(self, views: list[Tensor]) -> MethodOutput:
-        """NT-Xent between the projections of the two views."""
+        """NT-Xent between the projections of the two views, negatives from all ranks."""
         self._check_views(views)
         b = views[0].shape[0]
         # One backbone pass over both views: BN sees the joint batch, as in SimCLR.
         h = self.backbone(torch.cat(views))
         z = self.projector(h)
-        loss = nt_xent_loss(z[:b], z[b:], self.cfg.temperature)
-        return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+        z1, z2 = z[:b], z[b:]
+        loss = nt_xent_loss(z1, z2, self.cfg.temperature, gather(z1), gather(z2),
+                            offset=rank() * b)
+        return MethodOutput(loss=loss, embedding=h[:b], projection=z1)
 
     def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
         """No target network: the online backbone and projector are clustered."""

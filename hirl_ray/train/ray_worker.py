@@ -11,13 +11,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform, multi_view_transform
 from hirl_ray.eval.features import eval_mode, extract_features
 from hirl_ray.eval.report import evaluate
 from hirl_ray.methods import build_method
+from hirl_ray.methods.distributed import broadcast_buffers, convert_sync_batchnorm, ddp_kwargs
 from hirl_ray.methods.hirl import HirlModel
 from hirl_ray.train.checkpoint import (
     CheckpointMeta,
@@ -42,6 +43,23 @@ def build_model(cfg: ExperimentConfig) -> HirlModel:
     levels = len(cfg.hirl.num_clusters) if cfg.hirl.enabled else 0
     return HirlModel(build_method(cfg), num_levels=levels, weight=cfg.hirl.weight,
                      num_neg_paths=cfg.hirl.num_neg_paths)
+
+
+def build_train_loader(cfg: ExperimentConfig, train_set, rank: int, world: int) -> DataLoader:
+    """This rank's loader of augmented views, ``train.batch_size / world`` per step.
+
+    The DistributedSampler is ours, seeded with ``train.seed`` so the seed changes the data
+    order (``prepare_data_loader`` keeps a loader that already has one; the sampler it would
+    add uses seed 0). The sampler pads to equal shares and ``drop_last`` drops a ragged last
+    batch, so every rank takes the same number of equal-sized steps, which the gathers in
+    the methods need. ``set_epoch`` reshuffles each epoch.
+    """
+    views = ViewDataset(train_set, multi_view_transform(cfg.data.image_size))
+    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.train.seed)
+    return DataLoader(views, batch_size=cfg.train.batch_size // world, sampler=sampler,
+                      drop_last=True, num_workers=cfg.data.loader_workers,
+                      persistent_workers=cfg.data.loader_workers > 0)
 
 
 def _restore(run_dir: str) -> tuple[dict | None, CheckpointMeta | None]:
@@ -121,18 +139,18 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     train_set = build_dataset(cfg.data, "train")
-    per_worker = cfg.train.batch_size // world
-    views = ViewDataset(train_set, multi_view_transform(cfg.data.image_size))
-    loader = DataLoader(views, batch_size=per_worker, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.loader_workers,
-                        persistent_workers=cfg.data.loader_workers > 0)
-    loader = ray.train.torch.prepare_data_loader(loader)  # Ray 2: DistributedSampler
+    per_worker = cfg.train.batch_size // world  # config.validate: divides evenly
+    loader = build_train_loader(cfg, train_set, rank, world)
+    loader = ray.train.torch.prepare_data_loader(loader)  # Ray 2: device transfer
     plain = ViewDataset(train_set, eval_transform(cfg.data.image_size))
     feature_loader = ray.train.torch.prepare_data_loader(
         DataLoader(plain, batch_size=max(per_worker, 256), shuffle=False,
                    num_workers=cfg.data.loader_workers), move_to_device=False)
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if cfg.model.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model, device.type)  # before DDP; same state_dict
+    model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
                                 cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     use_amp = cfg.train.amp and device.type == "cuda"
@@ -147,7 +165,13 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, version = meta.epoch, meta.step, meta.hierarchy_version
         pending = bool(meta.metrics.get("hierarchy_building"))
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False)  # Ray 3: DDP
+    # Ray 3: DDP without per-forward buffer broadcast (it would overwrite every rank's MoCo
+    # queue with rank 0's; the queues agree anyway since keys are gathered).
+    kwargs = ddp_kwargs()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False,
+                                        parallel_strategy_kwargs=kwargs)
+    if "broadcast_buffers" in kwargs:  # older torch: buffers not synced at DDP init either
+        broadcast_buffers(unwrap(ddp))
 
     if cfg.hirl.enabled:  # Ray 4: the prototype actor
         hierarchy: HierarchyClient | StaticHierarchy = HierarchyClient(
