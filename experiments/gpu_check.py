@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             res = fn(device, args.quick)
+        except ModuleNotFoundError as e:  # e.g. a bare GPU box without Ray: say what is missing
+            res = {"ok": None, "skipped": f"{e.name} is not installed ({e})"}
         except Exception as e:  # one broken check must not hide the others' results
             res = {"ok": False, "error": f"{type(e).__name__}: {e}",
                    "traceback": traceback.format_exc()}
