@@ -88,3 +88,26 @@ def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, capsys):
             )
     finally:
         ray.kill(actor)
+
+
+def test_preflight_checks_this_machine_only_for_a_local_ray(tmp_path, monkeypatch, capsys):
+    from hirl_ray import api
+    from hirl_ray.config import load_config
+    from .conftest import tiny_config
+
+    cfg = load_config(None, tiny_config(tmp_path))
+    need = api.rebuild_memory(cfg, 100)
+    assert need.matrix == 100 * api._feature_dim(cfg) * 4
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    n = api._check_data(cfg)
+    need = api.rebuild_memory(cfg, n)
+    monkeypatch.setattr(api, "node_memory_bytes", lambda: int(need.total / 0.8))
+    api._check_data(cfg)
+    assert "this machine (local Ray)" in capsys.readouterr().err
+    monkeypatch.setattr(api, "node_memory_bytes", lambda: need.total // 2)
+    with pytest.raises(ConfigError, match="this machine"):
+        api._check_data(cfg)
+    # Joining a cluster the actor's node is unknown here: train_on_ray checks it there.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    api._check_data(cfg)
+    assert "this machine" not in capsys.readouterr().err
