@@ -14,7 +14,9 @@ per level, and the PCL concentration estimate per cluster. Three deliberate diff
   centroid, i.e. the highest cosine, which is exactly the similarity the path loss (Eq. 4)
   uses; the official code assigns to the un-normalised k-means centroid;
 * faiss' silent subsampling (faiss #789, #1679) and empty/collapsed clusters (faiss #3818) are
-  logged instead of passing unnoticed, and bad inputs fail before any clustering starts.
+  logged instead of passing unnoticed, and bad inputs fail before any clustering starts. The
+  subsample is drawn in place (``_training_subset``) rather than copied by faiss, and with
+  ``overwrite_features`` the input is normalised in place: one ``(N, D)`` matrix at ImageNet scale.
 """
 
 from __future__ import annotations
