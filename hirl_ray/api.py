@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -13,7 +14,12 @@ import yaml
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config
 from hirl_ray.hierarchy.faiss_build import check_faiss_install
-from hirl_ray.hierarchy.memory import rebuild_memory_warning
+from hirl_ray.hierarchy.memory import (
+    RebuildMemory,
+    check_rebuild_memory,
+    node_memory_bytes,
+    rebuild_estimate,
+)
 from hirl_ray.train.evaluate import load_backbone
 
 __all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tune"]
@@ -53,11 +59,20 @@ def _check_data(cfg: ExperimentConfig) -> int:
     if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
         raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
                           f"training samples of data.name={cfg.data.name!r}; lower it")
-    if cfg.hirl.enabled:
-        warning = rebuild_memory_warning(n, _feature_dim(cfg), cfg.hirl.num_clusters)
+    if cfg.hirl.enabled and not os.environ.get("RAY_ADDRESS"):
+        # Local Ray: the prototype actor runs on this machine. When joining a cluster we cannot
+        # know its node yet; train_on_ray checks there once the actor is placed.
+        warning = check_rebuild_memory(rebuild_memory(cfg, n), node_memory_bytes(),
+                                       "this machine (local Ray)")
         if warning:
             print(f"[hirl_ray] warning: {warning}", file=sys.stderr, flush=True)
     return n
+
+
+def rebuild_memory(cfg: ExperimentConfig, num_samples: int) -> RebuildMemory:
+    """Peak memory of one hierarchy rebuild in the prototype actor for this experiment."""
+    return rebuild_estimate(num_samples, _feature_dim(cfg), cfg.hirl.num_clusters,
+                            num_shards=cfg.train.num_workers)
 
 
 def _feature_dim(cfg: ExperimentConfig) -> int:
@@ -113,7 +128,8 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
     run_dir = prepare_run(cfg)
     from hirl_ray.train.ray_fit import run_fit  # imports Ray
 
-    out = run_fit(cfg, run_dir, num_samples)
+    need = rebuild_memory(cfg, num_samples) if cfg.hirl.enabled else None
+    out = run_fit(cfg, run_dir, num_samples, rebuild_memory=need)
     return FitResult(metrics=out.metrics, checkpoint_path=out.checkpoint_path,
                      hierarchy_path=out.hierarchy_path, run_dir=out.run_dir)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.bench import bench_path_loss, bench_peer, bench_rebuild, run
+from experiments.bench import bench_memory, bench_path_loss, bench_peer, bench_rebuild, run
 from experiments.bench.common import write_json
 from hirl_ray.hierarchy import loss as loss_mod
 from hirl_ray.hierarchy.loss import semantic_path_loss
@@ -19,6 +19,7 @@ from tests.path_loss_reference import semantic_path_loss_reference
 MODULES = (
     "bench_path_loss",
     "bench_rebuild",
+    "bench_memory",
     "bench_async",
     "bench_hirl_overhead",
     "bench_ray",
@@ -147,6 +148,33 @@ def test_dense_and_bag_backward_agree(monkeypatch):
     torch.testing.assert_close(sparse_loss, dense_loss, atol=1e-6, rtol=1e-6)
     for a, b in zip(sparse_grads, dense_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_memory_bench_tiny():
+    # Shards from Ray tasks, each variant in its own actor; both must build the same hierarchy.
+    doc = bench_memory.run(n=3000, dim=8, world=4, ks=(10, 4, 2), niter=2, nredo=1)
+    assert DOC_KEYS <= set(doc)
+    fig = doc["figures"]
+    for variant in ("new", "old"):
+        assert fig[variant]["samples"] >= 1 and fig[variant]["baseline_anon_bytes"] > 0
+    assert fig["level0_assignment_agreement"] == 1.0
+    assert fig["matrix_mb"] == 3000 * 8 * 4 / 1e6
+    assert [t["name"] for t in doc["targets"]] == [
+        "new: private peak / float32 matrix",
+        "old / new private peak",
+        "same hierarchy (level-0 agreement)",
+    ]
+
+
+def test_peak_sampler_sees_an_allocation():
+    import numpy as np
+
+    with bench_memory.PeakSampler(hz=200) as sampler:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched; alive until the exit
+    del block
+    assert sampler.samples >= 1
+    assert sampler.peak["RssAnon"] - sampler.baseline["RssAnon"] >= 60 * 2**20
 
 
 def test_peer_bench_skips_cleanly_without_lightly(monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 
 from experiments.bench.common import RESULTS_DIR, machine_info
 
-BENCHES = ("path_loss", "rebuild", "async", "hirl_overhead", "ray", "peer")
+BENCHES = ("path_loss", "rebuild", "memory", "async", "hirl_overhead", "ray", "peer")
 REPO = Path(__file__).resolve().parents[2]
 
 

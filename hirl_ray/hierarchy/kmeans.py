@@ -16,15 +16,18 @@ PCL concentration estimate per cluster. One option and two deliberate difference
   centroid, i.e. the highest cosine, which is exactly the similarity the path loss (Eq. 4)
   uses; the official code assigns to the un-normalised k-means centroid;
 * faiss' silent subsampling (faiss #789, #1679) and empty/collapsed clusters (faiss #3818) are
-  logged instead of passing unnoticed, and bad inputs fail before any clustering starts.
+  logged instead of passing unnoticed, and bad inputs fail before any clustering starts. The
+  subsample is drawn in place (``_training_subset``) rather than copied by faiss, and with
+  ``overwrite_features`` the input is normalised in place: one ``(N, D)`` matrix at ImageNet scale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,20 +166,88 @@ def _validate_num_clusters(num_clusters: Sequence[int], num_samples: int | None)
     return tuple(int(k) for k in ks)
 
 
+#: Rows per step of the chunked passes below: ~1 MiB of float32 at any D, so the temporaries of
+#: checking, converting and normalising stay small next to the ``(N, D)`` matrix itself.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _row_chunks(n: int, dim: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(dim, 1))
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
 def _as_float32_matrix(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``features`` as a 2-D numpy array, without copying (torch tensors share memory on CPU).
+
+    The dtype is left alone: float16 shards are converted chunk by chunk while normalising,
+    so no full-size float32 temporary is made next to the normalised matrix.
+    """
     x = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ConfigError(
             f"fit_hierarchy features must be a non-empty 2-D (N, D) array, got shape "
             f"{x.shape}; pass one feature row per training sample"
         )
-    # fp16 is fine for shipping features (FIELD_NOTES), but faiss clusters in float32.
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return x
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+def _count_non_finite_rows(x: np.ndarray) -> int:
+    # Chunked: np.isfinite(x) at once would allocate N x D bytes (a quarter of the matrix).
+    return sum(int((~np.isfinite(x[rows]).all(axis=1)).sum()) for rows in _row_chunks(*x.shape))
+
+
+def _l2_normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm, written into ``out`` (may be ``x``: in place).
+
+    Works chunk by chunk, so the only full-size allocation is ``out`` when it is not given.
+    """
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    for rows in _row_chunks(*x.shape):
+        # fp16 is fine for shipping features (FIELD_NOTES), but faiss clusters in float32.
+        chunk = np.asarray(x[rows], dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        np.divide(chunk, np.maximum(norms, 1e-12)[:, None], out=out[rows])
+    return out
+
+
+def _is_own_buffer(x: np.ndarray) -> bool:
+    """Whether ``x`` can serve as faiss's input as is: float32, C-contiguous, writable."""
+    return x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
+
+
+@contextlib.contextmanager
+def _training_subset(points: np.ndarray, limit: int, seed: int) -> Iterator[np.ndarray]:
+    """A uniform random ``limit`` rows of ``points`` as its first rows, without a copy.
+
+    faiss subsamples ``n > limit`` training points into a fresh array (``limit x D`` floats, up
+    to nearly the whole matrix when ``K_0 x max_points_per_centroid`` is just below ``N``).
+    Instead we swap the chosen rows that lie beyond ``limit`` with the unchosen rows before it
+    (disjoint pairs, chunk by chunk), train on the contiguous prefix, and swap back: the same
+    swaps undo themselves, so every row is where it was for the assignment search.
+    """
+    n = points.shape[0]
+    if n <= limit:
+        yield points
+        return
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(n, size=limit, replace=False)] = True
+    front = np.flatnonzero(~chosen[:limit])  # unchosen rows in the prefix
+    back = limit + np.flatnonzero(chosen[limit:])  # chosen rows beyond it (same count)
+    del chosen
+
+    def swap() -> None:
+        for part in _row_chunks(len(front), points.shape[1]):
+            a, b = front[part], back[part]
+            tmp = points[a]
+            points[a] = points[b]
+            points[b] = tmp
+
+    swap()
+    try:
+        yield points[:limit]
+    finally:
+        swap()
 
 
 def _resolve_gpu(use_gpu: bool | None) -> bool:
@@ -275,7 +346,9 @@ def _kmeans_level(
         clus.init_method = method
     elif init == "kmeans++":
         logger.warning("hierarchy level %d: this faiss has no k-means++ init; using random", level)
-    clus.train(points, _flat_index(dim, faiss.METRIC_L2, gpu_res))
+    # Our own subsample, in place (see _training_subset); faiss then trains on all it gets.
+    with _training_subset(points, k * max_points_per_centroid, seed + level) as sample:
+        clus.train(sample, _flat_index(dim, faiss.METRIC_L2, gpu_res))
     centroids = _l2_normalise(faiss.vector_to_array(clus.centroids).reshape(k, dim))
     index = _flat_index(dim, faiss.METRIC_INNER_PRODUCT, gpu_res)
     index.add(centroids)
@@ -316,6 +389,7 @@ def fit_hierarchy(
     version: int = 0,
     verbose: bool = False,
     init: str = "random",
+    overwrite_features: bool = False,
 ) -> PrototypeHierarchy:
     """Build the prototype tree by hierarchical k-means (HIRL Sec. 3.1, official ``run_hkmeans``).
 
@@ -331,6 +405,11 @@ def fit_hierarchy(
             level 0, exact above; single-threaded CPU, see the module docstring).
         version: Version stamped on the result.
         verbose: Let faiss print its per-iteration progress.
+        overwrite_features: ``features`` is a scratch buffer: when it is a float32, C-contiguous,
+            writable numpy array its rows are L2-normalised in place and faiss works on it
+            directly, so the rebuild holds one ``(N, D)`` matrix instead of two
+            (:func:`~hirl_ray.hierarchy.rebuild.build_from_shards` passes its own buffer).
+            Otherwise, and by default, ``features`` is left untouched and one float32 copy made.
 
     Returns:
         The hierarchy with CPU tensors.
@@ -343,15 +422,18 @@ def fit_hierarchy(
         raise ValueError(f"fit_hierarchy init must be 'kmeans++' or 'random', got {init!r}")
     x = _as_float32_matrix(features)
     _validate_num_clusters(ks, x.shape[0])
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x).all(axis=1)).sum())
+    bad = _count_non_finite_rows(x)
+    if bad:
         raise ConfigError(
             f"fit_hierarchy features have {bad} rows with NaN/Inf; fix the encoder "
             "(e.g. lower the lr or disable AMP) before rebuilding the hierarchy"
         )
     gpu_res = faiss.StandardGpuResources() if _resolve_gpu(use_gpu) else None
     started = time.perf_counter()
-    points = _l2_normalise(x)
+    # At ImageNet scale every (N, D) copy is gigabytes: normalise into the caller's scratch
+    # buffer when allowed, else into exactly one float32 copy (also converts fp16 / torch).
+    in_place = overwrite_features and _is_own_buffer(x)
+    points = _l2_normalise(x, out=x if in_place else None)
     del x
     centroids, parents, assignments, densities = [], [], [], []
     for level, k in enumerate(ks):

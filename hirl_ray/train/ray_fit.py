@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
 from hirl_ray.hierarchy.faiss_build import describe_faiss
+from hirl_ray.hierarchy.memory import (
+    RebuildMemory,
+    check_rebuild_memory,
+    node_memory_bytes,
+)
 from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
 from hirl_ray.train.evaluate import evaluate_checkpoint
@@ -52,12 +58,41 @@ def init_ray(num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
+def _node_of_this_process(_actor: Any = None) -> tuple[str, int | None]:
+    """Name and memory of the node running this code (sent into the actor by ``__ray_call__``)."""
+    return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})", node_memory_bytes()
+
+
+def check_actor_node_memory(actor: Any, need: RebuildMemory, timeout_s: float = 120.0) -> None:
+    """Compare the rebuild estimate with the memory of the node the prototype actor landed on.
+
+    Joining a cluster, the driver cannot know that node before Ray places the actor. Warns with
+    the node's name, or raises ``ConfigError`` before training when the rebuild cannot fit. An
+    actor not placed within ``timeout_s`` (the autoscaler still starting its node) is not
+    waited for: training starts, with a line saying the check was skipped.
+    """
+    ref = actor.__ray_call__.remote(_node_of_this_process)
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        print(f"[hirl_ray] warning: the prototype actor was not placed within {timeout_s:.0f}s; "
+              f"not checking its node's memory (a rebuild needs about {need.describe()})",
+              flush=True)
+        return
+    node, available = ray.get(ref)
+    warning = check_rebuild_memory(need, available, f"node {node}")
+    if warning:
+        print(f"[hirl_ray] warning: {warning}", flush=True)
+
+
 def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
-                 callbacks: Sequence[Any] = ()) -> None:
+                 callbacks: Sequence[Any] = (), rebuild_memory: RebuildMemory | None = None
+                 ) -> None:
     """Start the prototype actor and fit a TorchTrainer into ``run_dir/train``.
 
     Resumes from ``run_dir``'s newest checkpoint. ``callbacks`` go to Ray Train's
-    ``RunConfig`` (Tune passes its report callback here).
+    ``RunConfig`` (Tune passes its report callback here). ``rebuild_memory``: when joining a
+    cluster (``RAY_ADDRESS``), checked against the actor's node before training starts (a
+    local Ray's machine was checked before Ray started).
     """
     resume = latest_checkpoint(run_dir)
     done_epochs = read_meta(resume).epoch if resume is not None else 0
@@ -92,6 +127,8 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     try:
+        if actor is not None and rebuild_memory is not None and os.environ.get("RAY_ADDRESS"):
+            check_actor_node_memory(actor, rebuild_memory)
         trainer.fit()
     finally:
         if actor is not None:
@@ -116,13 +153,14 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitOutcome:
                       hierarchy_path=snapshot, run_dir=run_dir)
 
 
-def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int) -> FitOutcome:
+def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
+            rebuild_memory: RebuildMemory | None = None) -> FitOutcome:
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
     if cfg.hirl.enabled:
         print(f"[hirl_ray] k-means: {describe_faiss()} on the driver; the prototype actor uses "
               f"{'faiss-gpu when its node has a GPU' if cfg.hirl.actor_num_gpus else 'the CPU'}",
               flush=True)
-    train_on_ray(cfg, run_dir, num_samples)
+    train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
     print("[hirl_ray] evaluating the final checkpoint (kNN, clustering per level)…", flush=True)
     return final_evaluation(cfg, run_dir)
