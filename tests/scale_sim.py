@@ -41,6 +41,9 @@ class SimSpec:
     park_before_round: int | None = None  # ranks in park_ranks stop before this round
     park_ranks: tuple[int, ...] = ()
     settle_at_end: bool = True  # a final wait, so every submitted round settles
+    # Async: an epoch goes on while a round is pending (up to this many extra steps), as when
+    # an epoch outlasts k-means; `building` flips on an agreed step, so ranks stay in step.
+    max_extra_steps: int = 0
     wait_timeout_s: float = 5.0
     sync_timeout_s: float = 180.0
     collective_timeout_s: float = 180.0
@@ -120,7 +123,9 @@ def _run_rank(rank: int, spec: SimSpec, actor: Any, coordinator: Any,
     if spec.pending_round is not None:
         submit(spec.pending_round)
     for epoch in range(spec.start_epoch, spec.epochs):
-        for _ in range(spec.steps_per_epoch):
+        for i in range(spec.steps_per_epoch + spec.max_extra_steps):
+            if i >= spec.steps_per_epoch and not client.building:
+                break
             client.poll()
             out.steps.append((state["step"], client.version))
             state["step"] += 1
@@ -151,26 +156,33 @@ class SimHost:
         return True
 
 
-def start_group(spec: SimSpec, actor: Any, num_hosts: int = 2
-                ) -> tuple[list[Any], list[Any], Any]:
-    """Start ``num_hosts`` processes running ``spec.world`` ranks; returns (hosts, runs, coord)."""
-    coordinator = Coordinator.remote(spec.world)
+def start_hosts(num_hosts: int = 2) -> list[Any]:
+    """Host processes (each imports torch once; reuse them across groups)."""
     hosts = [SimHost.remote() for _ in range(num_hosts)]
-    ray.get([h.ping.remote() for h in hosts], timeout=120)
-    ranks = np.array_split(np.arange(spec.world), num_hosts)
+    ray.get([h.ping.remote() for h in hosts], timeout=300)
+    return hosts
+
+
+def start_group(spec: SimSpec, actor: Any, hosts: list[Any]) -> tuple[list[Any], Any]:
+    """Run ``spec.world`` ranks spread over ``hosts``; returns (run refs, coordinator)."""
+    coordinator = Coordinator.remote(spec.world)
+    ranks = np.array_split(np.arange(spec.world), len(hosts))
     runs = [h.run.remote([int(r) for r in chunk], spec, actor, coordinator)
             for h, chunk in zip(hosts, ranks, strict=True)]
-    return hosts, runs, coordinator
+    return runs, coordinator
 
 
-def run_group(spec: SimSpec, actor: Any, timeout_s: float = 300.0, num_hosts: int = 2
-              ) -> list[RankResult]:
-    """Run one group to the end; results sorted by rank."""
-    hosts, runs, coordinator = start_group(spec, actor, num_hosts)
+def finish_group(runs: list[Any], coordinator: Any, timeout_s: float = 300.0
+                 ) -> list[RankResult]:
+    """Results of a group started with :func:`start_group`, sorted by rank."""
     try:
         results = [r for chunk in ray.get(runs, timeout=timeout_s) for r in chunk]
     finally:
-        for h in hosts:
-            ray.kill(h)
         ray.kill(coordinator)
     return sorted(results, key=lambda r: r.rank)
+
+
+def run_group(spec: SimSpec, actor: Any, hosts: list[Any], timeout_s: float = 300.0
+              ) -> list[RankResult]:
+    """Run one group to the end on ``hosts``; results sorted by rank."""
+    return finish_group(*start_group(spec, actor, hosts), timeout_s=timeout_s)

@@ -289,7 +289,8 @@ class PrototypeActor:
         self._builds += 1
         await self._ref_for(version)
         self._last_build_s = time.perf_counter() - start
-        for old in [k for k in self._collecting if k[0] == key[0] and k[1] <= key[1]]:
+        # Obsolete: older rounds of this attempt, and every round of older (dead) attempts.
+        for old in [k for k in self._collecting if k[0] != key[0] or k[1] <= key[1]]:
             del self._collecting[old]
         log.info("hierarchy v%d built in %.1fs (attempt %d, round %d)", version,
                  self._last_build_s, *key)
