@@ -18,8 +18,9 @@ def _meta(epoch: int, **metrics) -> CheckpointMeta:
 
 def _write_run(run_dir, epochs=(1, 2, 3)) -> list[str]:
     for e in epochs:
-        save_checkpoint(run_dir / "train" / f"epoch_{e:04d}", model_state={"w": torch.full((2,), e)},
-                        optimizer_state={}, scaler_state=None, meta=_meta(e))
+        save_checkpoint(run_dir / "train" / f"epoch_{e:04d}",
+                        model_state={"w": torch.full((2,), e)}, optimizer_state={},
+                        scaler_state=None, meta=_meta(e))
     return find_checkpoints(run_dir)
 
 

@@ -104,7 +104,11 @@ class RoundStatus:
 
 def fetch_shards(shards: Sequence[tuple[Any, Any]], timeout_s: float
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(indices, features)`` numpy pairs, fetching one shard at a time."""
+    """Yield ``(indices, features)`` numpy pairs, fetching one shard at a time.
+
+    Runs in a worker thread (``asyncio.to_thread``), not on the actor's event loop, so the
+    blocking ``ray.get`` is fine there (Ray warns about it once all the same).
+    """
     for indices_ref, features_ref in shards:
         yield (np.asarray(ray.get(indices_ref, timeout=timeout_s)),
                np.asarray(ray.get(features_ref, timeout=timeout_s)))
@@ -136,7 +140,8 @@ def build_from_refs(shards: Sequence[tuple[Any, Any]], settings: ActorSettings,
         feats = feats[present]
     h = fit_hierarchy(feats.numpy().astype(np.float32), settings.num_clusters,
                       seed=settings.seed + 1000 * version, niter=settings.niter,
-                      nredo=settings.nredo, max_points_per_centroid=settings.max_points_per_centroid,
+                      nredo=settings.nredo,
+                      max_points_per_centroid=settings.max_points_per_centroid,
                       use_gpu=settings.use_gpu, version=version)
     return h if bool(present.all()) else _expand_assignments(h, present)
 
