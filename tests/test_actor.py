@@ -120,6 +120,7 @@ def test_actor_serves_more_parked_waits_than_a_thread_pool(ray_session, tmp_path
     shards = [Shard(1, 1, r, world, (ray.put(np.arange(r, n, world)),
                                      ray.put(feats[r::world].astype(np.float16))))
               for r in range(world)]
+    ray.get(actor.latest_version.remote(), timeout=300)  # started (imports torch and faiss)
     parked = [actor.wait_round.remote(1, 1, s, 120.0) for s in shards[:-1]]
     deadline = time.time() + 60
     while ray.get(actor.status.remote(), timeout=10)["collecting"].get("1/1", 0) < world - 1:

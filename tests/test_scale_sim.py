@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import ray
 import ray.cloudpickle
 
 from hirl_ray.hierarchy.actor import ActorSettings, start_actor
@@ -36,7 +37,13 @@ def _actor(tmp_path, name: str, **kwargs):
     settings = ActorSettings(snapshot_dir=str(tmp_path / "hierarchy"), num_clusters=(32, 8),
                              num_samples=WORLD * SAMPLES_PER_RANK, seed=0, niter=10, nredo=1,
                              **kwargs)
-    return start_actor(f"sim-{name}-{time.time_ns()}", settings)
+    return _started(start_actor(f"sim-{name}-{time.time_ns()}", settings))
+
+
+def _started(actor):
+    """Wait until the actor is up (a new process imports torch and faiss; slow under load)."""
+    ray.get(actor.latest_version.remote(), timeout=300)
+    return actor
 
 
 def _assert_lockstep(results):
@@ -99,7 +106,7 @@ def test_actor_killed_mid_build_round_is_rebuilt(ray_session, hosts, tmp_path, s
     # Big enough that k-means takes a while, so the kill lands mid-build.
     settings = ActorSettings(snapshot_dir=str(tmp_path / "hierarchy"), num_clusters=(128, 16),
                              num_samples=WORLD * 512, niter=20, nredo=1)
-    actor = start_actor(f"sim-kill-{time.time_ns()}", settings)
+    actor = _started(start_actor(f"sim-kill-{time.time_ns()}", settings))
     spec = SimSpec(world=WORLD, attempt=1, epochs=4, steps_per_epoch=20,
                    rebuild_epochs=(1, 2, 3), sync=sync, samples_per_rank=512, dim=64,
                    max_extra_steps=0 if sync else 100_000)
