@@ -156,3 +156,35 @@ def test_failed_build_settles_its_round_only_and_attempts_do_not_mix(ray_session
     assert ray.get(actor.version_of_round.remote(2, 3)) == 2
     assert ray.get(actor.status.remote())["collecting"] == {}  # the dead group's half round
     ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_round_completed_during_a_build_is_dropped_when_a_newer_one_completes(
+        ray_session, tmp_path):
+    # Async training with slow k-means: rounds 2 and 3 complete while round 1 builds; round
+    # 2's features are older than round 3's, so only round 3 is built next.
+    ray = ray_session
+    settings = ActorSettings(snapshot_dir=str(tmp_path), num_clusters=(64, 8),
+                             num_samples=20000, niter=20, nredo=3)
+    actor = start_actor(f"test-actor-queue-{time.time_ns()}", settings)
+    feats = _blobs(20000, seed=2)
+
+    def shard(round_id):
+        return Shard(1, round_id, 0, 1, (ray.put(np.arange(20000)),
+                                         ray.put(feats.astype(np.float16))))
+
+    first = actor.wait_round.remote(1, 1, shard(1), 120.0)
+    _wait = time.time() + 120
+    while ray.get(actor.status.remote(), timeout=300)["building_round"] is None:
+        assert time.time() < _wait
+    second = actor.wait_round.remote(1, 2, shard(2), 120.0)
+    third = actor.wait_round.remote(1, 3, shard(3), 120.0)
+    while (status := ray.get(actor.status.remote()))["queued"] != [[1, 2], [1, 3]]:
+        assert time.time() < _wait
+    assert status["building_round"] == (1, 1)
+    assert (ray.get(first, timeout=150).version, ray.get(first).round) == (1, 1)
+    answers = [ray.get(r, timeout=150) for r in (second, third)]
+    # Round 2's waiters are answered by round 3's version.
+    assert [(a.state, a.version, a.round) for a in answers] == [("ready", 2, 3)] * 2
+    assert ray.get(actor.status.remote())["builds"] == 2
+    ray.kill(actor, no_restart=True)
