@@ -39,7 +39,7 @@ from experiments.bench.harness import (
     run_steps,
     train_loader,
 )
-from hirl_ray.hierarchy.actor import ActorSettings, PrototypeActor
+from hirl_ray.hierarchy.actor import ActorSettings, PrototypeActor, Shard
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 
 FULL = {"n": 100_000, "ks": (1000, 300, 30), "niter": 20, "nredo": 1, "repeats": 5}
@@ -71,8 +71,8 @@ class PinnedPrototypeActor(PrototypeActor):
 class ActorSource:
     """A one-worker :class:`~hirl_ray.train.loop.HierarchySource` over the actor.
 
-    Same protocol as ``HierarchyClient`` (submit refs, one pending ``wait_for_version``,
-    ``ray.wait(timeout=0)`` per step) without the DDP flag exchange, as there is one worker.
+    Same protocol as ``HierarchyClient`` (submit refs, one pending ``wait_round``,
+    ``ray.wait(timeout=0)`` per step) without the cross-rank agreement, as there is one worker.
     """
 
     def __init__(self, actor: Any) -> None:
@@ -85,22 +85,25 @@ class ActorSource:
         import ray
 
         self.round += 1
-        refs = [ray.put(indices), ray.put(features)]
-        self.actor.submit_features.remote(self.round, 0, 1, refs)
-        version = self.current.version if self.current is not None else 0
-        self.pending = self.actor.wait_for_version.remote(version + 1)
+        shard = Shard(0, self.round, 0, 1, (ray.put(indices), ray.put(features)))
+        self.pending = self.actor.wait_round.remote(0, self.round, shard, 3600.0)
+
+    def _take(self) -> None:
+        import ray
+
+        status = ray.get(self.pending)
+        self.current = ray.get(status.ref[0]) if status.state == "ready" else self.current
+        self.pending = None
 
     def poll(self) -> None:
         import ray
 
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
-            self.current, self.pending = ray.get(self.pending), None
+            self._take()
 
     def wait(self) -> None:
-        import ray
-
         if self.pending is not None:
-            self.current, self.pending = ray.get(self.pending), None
+            self._take()
 
 
 def _endless(loader: Any) -> Iterator:
@@ -175,7 +178,7 @@ def run(quick: bool = False, **overrides: Any) -> dict[str, Any]:
     )
     actor = (
         ray.remote(PinnedPrototypeActor)
-        .options(num_cpus=1, max_concurrency=16)
+        .options(num_cpus=1)
         .remote(settings, actor_cpus)
     )
     source = ActorSource(actor)

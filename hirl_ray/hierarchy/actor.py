@@ -1,33 +1,45 @@
 """The prototype actor: one Ray actor owns the global prototype hierarchy.
 
-Workers extract features of their shard and hand them over as Ray object refs
-(``submit_features``); once every rank of a round has submitted, a background
-thread scatters them one at a time into one matrix, de-duplicating by dataset index, and
-clusters it (:func:`~hirl_ray.hierarchy.rebuild.build_from_shards`), bumps the
-version, writes a snapshot and publishes it. Workers never wait for k-means: they
-keep the previous version and pick up the new one when ``wait_for_version``
-resolves (official HIRL instead blocks all ranks at a barrier while rank 0
-clusters; see shared/FIELD_NOTES.md). The actor reloads its newest snapshot in
-``__init__``, so a restarted actor serves the same version (ray PR #32153).
+Workers extract features of their shard and hand them over as Ray object refs in a
+:class:`Shard`. Once every rank of a round has submitted, a background task fetches the
+shards one at a time, runs :func:`fit_hierarchy` off the event loop, bumps the version,
+writes a snapshot (with its :class:`~hirl_ray.hierarchy.snapshot.Origin`: which attempt and
+round built it) and puts the hierarchy into the object store **once**; waiting ranks get the
+ref, not a copy (64 ranks x 370 MB would be 23 GB in one node's store).
+
+Why an async actor: a threaded actor has ``max_concurrency`` call threads, and a wait that
+blocks a thread deadlocks once waiters fill the pool (17 ranks against 16 threads). Here a
+wait is a coroutine parked on an :class:`asyncio.Event`, every wait is bounded
+(``timeout_s``; the caller asks again), and status/get answer during a build.
+
+Faults: rounds are keyed by ``(attempt, round)``, so shards of a dead worker group never
+complete a new group's round; a wait carries its rank's shard refs, so after an actor
+restart the retried waits re-register the round and it is rebuilt; a failed build settles
+only its own round (waiters get ``failed`` and train on with the old hierarchy). The actor
+reloads its newest snapshot and all origins in ``__init__`` (ray PR #32153). Official HIRL
+instead blocks all ranks at a barrier while rank 0 clusters; see shared/FIELD_NOTES.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 
 from hirl_ray import storage
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 from hirl_ray.hierarchy.rebuild import build_from_shards
 from hirl_ray.hierarchy.snapshot import (
+    Origin,
     latest_snapshot,
     load_hierarchy,
+    read_origins,
     save_hierarchy,
     snapshot_name,
 )
@@ -35,6 +47,10 @@ from hirl_ray.hierarchy.snapshot import (
 log = logging.getLogger(__name__)
 
 NAMESPACE = "hirl_ray"
+# Concurrent calls the async actor accepts: one parked wait per rank plus queries. Waits are
+# coroutines (no thread each), so a generous limit costs nothing.
+MAX_CONCURRENCY = 4096
+_KEEP_REFS = 3  # hierarchy versions kept in the object store (latest + recently asked)
 
 
 @dataclass(frozen=True)
@@ -50,126 +66,265 @@ class ActorSettings:
     max_points_per_centroid: int = 1000
     use_gpu: bool | None = None
     kmeans_init: str = "random"  # hirl.kmeans_init: "random" (official) or "kmeans++"
+    fetch_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's features for a rebuild round.
+
+    ``refs`` is ``(indices_ref, features_ref)``; nested in a dataclass, Ray passes the refs
+    instead of resolving them in the call. ``attempt`` identifies the worker-group
+    incarnation (rank 0 picks it at start), so shards of a dead group never complete a
+    round of the group that replaced it.
+    """
+
+    attempt: int
+    round: int
+    rank: int
+    world_size: int
+    refs: tuple[Any, Any]
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """Answer to :meth:`PrototypeActor.wait_round`.
+
+    ``state``: ``"ready"`` (``version`` built from ``round`` >= the asked round; ``ref`` holds
+    the hierarchy's object ref), ``"failed"`` (rounds up to ``round`` failed: keep the old
+    hierarchy) or ``"pending"`` (the wait timed out: ask again).
+    """
+
+    state: str
+    version: int = 0
+    round: int = -1
+    ref: tuple[Any, ...] = ()
+    error: str | None = None
+
+
+def fetch_shards(shards: Sequence[tuple[Any, Any]], timeout_s: float
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, features)`` numpy pairs, fetching one shard at a time.
+
+    Runs in a worker thread (``asyncio.to_thread``), not on the actor's event loop, so the
+    blocking ``ray.get`` is fine there (Ray warns about it once all the same).
+    """
+    for indices_ref, features_ref in shards:
+        yield (np.asarray(ray.get(indices_ref, timeout=timeout_s)),
+               np.asarray(ray.get(features_ref, timeout=timeout_s)))
+
+
+def build_from_refs(shards: Sequence[tuple[Any, Any]], settings: ActorSettings,
+                    version: int) -> PrototypeHierarchy:
+    """Fetch the shards of a round and cluster them: the one step that holds feature memory.
+
+    Args:
+        shards: ``(indices_ref, features_ref)`` per rank (fp16 features).
+        settings: Clustering settings and the dataset size.
+        version: Version stamped on the result (also seeds k-means).
+    """
+    # One shard at a time, scattered into one float32 matrix (hierarchy/rebuild.py): at ImageNet
+    # scale, concatenating every shard and copying it held ~3 matrices (bench_memory).
+    return build_from_shards(fetch_shards(shards, settings.fetch_timeout_s), settings.num_samples,
+                             settings.num_clusters, seed=settings.seed + 1000 * version,
+                             niter=settings.niter, nredo=settings.nredo,
+                             max_points_per_centroid=settings.max_points_per_centroid,
+                             use_gpu=settings.use_gpu, version=version,
+                             init=settings.kmeans_init)
 
 
 class PrototypeActor:
-    """Owns, rebuilds, persists and serves the :class:`PrototypeHierarchy`."""
+    """Owns, rebuilds, persists and serves the :class:`PrototypeHierarchy` (async actor)."""
 
     def __init__(self, settings: ActorSettings) -> None:
         self.settings = settings
-        self._cond = threading.Condition()
-        # One build at a time: versions are assigned and snapshots written in order even when
-        # rounds complete back to back (or a retried round lands after a restart).
-        self._build_lock = threading.Lock()
-        self._rounds: dict[int, dict[int, list[Any]]] = {}
-        self._building: int | None = None
+        self._collecting: dict[tuple[int, int], dict[int, tuple[Any, Any]]] = {}
+        self._complete: dict[tuple[int, int], list[tuple[Any, Any]]] = {}  # in completion order
+        self._failed: dict[int, tuple[int, str]] = {}  # attempt -> (highest failed round, error)
+        self._building: tuple[int, int] | None = None
+        self._builder: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+        self._refs: dict[int, Any] = {}  # version -> object ref (put once)
+        self._loading: dict[int, asyncio.Task] = {}
+        self._puts = self._builds = 0
         self._last_build_s: float | None = None
-        self._error: str | None = None
+        self._last_error: str | None = None
         self._latest: PrototypeHierarchy | None = None
+        self._origins: dict[int, Origin] = read_origins(settings.snapshot_dir)
         path = latest_snapshot(settings.snapshot_dir)
         if path is not None:
             self._latest = load_hierarchy(path)
             log.info("prototype actor restored hierarchy v%d from %s", self._latest.version, path)
 
-    # --- queries (cheap; answered while a rebuild runs: the actor is threaded) ---
-    def latest_version(self) -> int:
+    # --- queries (answered at once, also while a rebuild runs) ---
+    async def latest_version(self) -> int:
         """Version of the newest published hierarchy (0 = none yet)."""
-        return self._latest.version if self._latest is not None else 0
+        return self._version()
 
-    def get(self, version: int | None = None) -> PrototypeHierarchy | None:
-        """The newest hierarchy, or a given older ``version`` loaded from its snapshot."""
-        latest = self._latest
-        if version is None or (latest is not None and latest.version == version):
-            return latest
+    async def get(self, version: int | None = None) -> PrototypeHierarchy | None:
+        """The newest hierarchy or an older ``version`` (a copy per caller: not for workers)."""
+        if version is None or version == self._version():
+            return self._latest
         if version == 0:
             return None
-        path = storage.join(self.settings.snapshot_dir, snapshot_name(version))
-        if not storage.exists(path):
-            raise FileNotFoundError(f"hierarchy snapshot v{version} not found at {path}")
-        return load_hierarchy(path)
+        return await asyncio.to_thread(load_hierarchy, self._snapshot_path(version))
 
-    def wait_for_version(self, min_version: int, timeout_s: float | None = None
-                         ) -> PrototypeHierarchy | None:
-        """Block (this call only) until a version ≥ ``min_version`` exists; then return it."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._cond:
-            while self.latest_version() < min_version and self._error is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(timeout=remaining if remaining is not None else 5.0)
-            if self._error is not None and self.latest_version() < min_version:
-                raise RuntimeError(f"hierarchy rebuild failed: {self._error}")
-            return self._latest
+    async def get_ref(self, version: int | None = None) -> list[Any]:
+        """``[ref]`` to a version in the object store (put once; ``[]`` for version 0)."""
+        version = self._version() if version is None else version
+        return [] if version == 0 else [await self._ref_for(version)]
 
-    def status(self) -> dict[str, Any]:
-        """Version, whether a rebuild runs, and how long the last one took."""
-        return {"version": self.latest_version(), "building_round": self._building,
-                "last_build_s": self._last_build_s, "pending_rounds": sorted(self._rounds),
-                "error": self._error}
+    async def version_of_round(self, attempt: int, round_id: int) -> int | None:
+        """The newest version built from exactly ``(attempt, round_id)``, if any."""
+        found = [o.version for o in self._origins.values()
+                 if o.attempt == attempt and o.round == round_id]
+        return max(found) if found else None
 
-    # --- feature submission ---
-    def submit_features(self, round_id: int, rank: int, world_size: int,
-                        refs: list[ray.ObjectRef]) -> None:
-        """Register one rank's ``[indices_ref, features_ref]`` for a rebuild round.
+    async def status(self) -> dict[str, Any]:
+        """Version, rounds collecting/building, puts into the object store, last error."""
+        return {"version": self._version(), "building_round": self._building,
+                "collecting": {f"{a}/{r}": len(s) for (a, r), s in self._collecting.items()},
+                "queued": [list(k) for k in self._complete], "builds": self._builds,
+                "puts": self._puts, "last_build_s": self._last_build_s,
+                "error": self._last_error}
 
-        The refs arrive nested in a list so Ray does not resolve them in this call;
-        the build thread fetches them. When all ``world_size`` ranks are in, the
-        rebuild starts in the background and this call returns at once.
+    # --- rounds ---
+    async def wait_round(self, attempt: int, min_round: int, shard: Shard | None = None,
+                         timeout_s: float = 30.0) -> RoundStatus:
+        """Register ``shard`` (idempotent) and wait until rounds >= ``min_round`` settle.
+
+        Bounded by ``timeout_s`` (then ``"pending"``: ask again). Carrying the shard in every
+        wait is what makes an actor restart harmless: Ray retries the call on the restarted
+        actor and the round is collected again from the refs the ranks still hold.
         """
-        with self._cond:
-            shards = self._rounds.setdefault(round_id, {})
-            shards[rank] = refs
-            if len(shards) < world_size:
-                return
-            del self._rounds[round_id]
-            # Older incomplete rounds are superseded by this one.
-            for old in [r for r in self._rounds if r < round_id]:
-                del self._rounds[old]
-            self._building = round_id
-        threading.Thread(target=self._build, args=(round_id, list(shards.values())),
-                         daemon=True, name=f"hierarchy-round-{round_id}").start()
+        if shard is not None:
+            self._register(shard)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            settled = await self._settled(attempt, min_round)
+            remaining = deadline - time.monotonic()
+            if settled is not None or remaining <= 0:
+                return settled or RoundStatus("pending")
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
 
-    def _build(self, round_id: int, shards: list[list[ray.ObjectRef]]) -> None:
-        with self._build_lock:
-            self._build_locked(round_id, shards)
+    def _version(self) -> int:
+        return self._latest.version if self._latest is not None else 0
 
-    def _build_locked(self, round_id: int, shards: list[list[ray.ObjectRef]]) -> None:
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _snapshot_path(self, version: int) -> str:
+        return storage.join(self.settings.snapshot_dir, snapshot_name(version))
+
+    def _built(self, attempt: int, min_round: int) -> Origin | None:
+        found = [o for o in self._origins.values() if o.attempt == attempt and o.round >= min_round]
+        return max(found, key=lambda o: o.version) if found else None
+
+    async def _settled(self, attempt: int, min_round: int) -> RoundStatus | None:
+        origin = self._built(attempt, min_round)
+        if origin is not None:
+            return RoundStatus("ready", origin.version, origin.round,
+                               (await self._ref_for(origin.version),))
+        failed = self._failed.get(attempt)
+        if failed is not None and failed[0] >= min_round:
+            return RoundStatus("failed", self._version(), failed[0], error=failed[1])
+        return None
+
+    def _register(self, shard: Shard) -> None:
+        key = (shard.attempt, shard.round)
+        failed = self._failed.get(shard.attempt)
+        if (self._built(*key) is not None or key in self._complete or key == self._building
+                or (failed is not None and failed[0] >= shard.round)):
+            return
+        shards = self._collecting.setdefault(key, {})
+        shards[shard.rank] = tuple(shard.refs)
+        if len(shards) < shard.world_size:
+            return
+        del self._collecting[key]
+        self._complete[key] = [shards[r] for r in sorted(shards)]
+        if self._builder is None or self._builder.done():
+            self._builder = asyncio.get_running_loop().create_task(self._build_all())
+
+    async def _build_all(self) -> None:
+        """Build complete rounds one at a time (versions in order), newest first."""
+        while self._complete:
+            key = next(reversed(self._complete))
+            shards = self._complete.pop(key)
+            for other in list(self._complete):  # obsolete: the newer round answers them
+                del self._complete[other]
+                if other[0] != key[0]:
+                    self._fail(other, f"superseded by attempt {key[0]}")
+            self._building = key
+            try:
+                await self._build(key, shards)
+            except Exception as e:  # noqa: BLE001 - settles the round; training goes on
+                log.exception("hierarchy rebuild for round %s failed; workers keep v%d",
+                              key, self._version())
+                self._fail(key, f"{type(e).__name__}: {e}")
+            finally:
+                self._building = None
+                self._notify()
+
+    async def _build(self, key: tuple[int, int], shards: list[tuple[Any, Any]]) -> None:
         start = time.perf_counter()
+        version = max([self._version(), *self._origins]) + 1
+        # Off the event loop: waits, status and get stay answerable during k-means.
+        h = await asyncio.to_thread(build_from_refs, shards, self.settings, version)
+        origin = Origin(version=version, attempt=key[0], round=key[1])
+        await asyncio.to_thread(save_hierarchy, h, self.settings.snapshot_dir, origin)
+        self._latest, self._origins[version] = h, origin
+        self._builds += 1
+        await self._ref_for(version)
+        self._last_build_s = time.perf_counter() - start
+        # Obsolete: older rounds of this attempt, and every round of older (dead) attempts.
+        for old in [k for k in self._collecting if k[0] != key[0] or k[1] <= key[1]]:
+            del self._collecting[old]
+        log.info("hierarchy v%d built in %.1fs (attempt %d, round %d)", version,
+                 self._last_build_s, *key)
+
+    def _fail(self, key: tuple[int, int], error: str) -> None:
+        previous = self._failed.get(key[0], (-1, ""))[0]
+        self._failed[key[0]] = (max(previous, key[1]), error)
+        self._last_error = f"round {key[1]} (attempt {key[0]}): {error}"
+        for old in [k for k in self._collecting if k[0] == key[0] and k[1] <= key[1]]:
+            del self._collecting[old]
+
+    async def _ref_for(self, version: int) -> Any:
+        """Put ``version`` into the object store once; concurrent askers share the put."""
+        if version in self._refs:
+            return self._refs[version]
+        task = self._loading.get(version)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._put(version))
+            self._loading[version] = task
         try:
-            version = self.latest_version() + 1
-            # One shard fetched at a time, scattered into one float32 matrix (hierarchy/rebuild.py):
-            # at ImageNet scale concatenating every shard and copying held ~4 matrices.
-            h = build_from_shards(_fetch_one_at_a_time(shards), self.settings.num_samples,
-                                  self.settings.num_clusters,
-                                  seed=self.settings.seed + 1000 * version,
-                                  niter=self.settings.niter, nredo=self.settings.nredo,
-                                  max_points_per_centroid=self.settings.max_points_per_centroid,
-                                  use_gpu=self.settings.use_gpu, version=version,
-                                  init=self.settings.kmeans_init)
-            save_hierarchy(h, self.settings.snapshot_dir)
-            with self._cond:
-                self._latest = h
-                self._error = None
-                self._last_build_s = time.perf_counter() - start
-                self._building = None
-                self._cond.notify_all()
-            log.info("hierarchy v%d built in %.1fs (round %d)", version, self._last_build_s,
-                     round_id)
-        except Exception as e:  # surfaced to waiting workers, never silently dropped
-            log.exception("hierarchy rebuild for round %d failed", round_id)
-            with self._cond:
-                self._error = f"{type(e).__name__}: {e}"
-                self._building = None
-                self._cond.notify_all()
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(version, None)
 
-
-def _fetch_one_at_a_time(shards: list[list[ray.ObjectRef]]) -> Iterator[tuple[Any, Any]]:
-    """Each rank's ``(indices, features)``, the next fetched only once the last is consumed."""
-    for indices_ref, features_ref in shards:
-        indices, features = ray.get([indices_ref, features_ref])
-        yield indices, features
-        del indices, features  # drop our view of the shard before mapping the next
+    async def _put(self, version: int) -> Any:
+        latest = self._latest
+        if latest is not None and latest.version == version:
+            h = latest
+        else:
+            path = self._snapshot_path(version)
+            if not await asyncio.to_thread(storage.exists, path):
+                raise FileNotFoundError(f"hierarchy snapshot v{version} not found at {path}")
+            h = await asyncio.to_thread(load_hierarchy, path)
+        ref = await asyncio.to_thread(ray.put, h)
+        self._puts += 1
+        self._refs[version] = ref
+        # Keep the newest few; holders of an evicted ref keep its object alive (borrowers).
+        for old in sorted(self._refs)[:-_KEEP_REFS]:
+            if old != self._version():
+                del self._refs[old]
+        return ref
 
 
 def actor_name(run_name: str) -> str:
@@ -179,11 +334,16 @@ def actor_name(run_name: str) -> str:
 
 def start_actor(name: str, settings: ActorSettings, num_cpus: float = 0.0,
                 num_gpus: float = 0.0) -> ray.actor.ActorHandle:
-    """Create (or get) the named actor; restarts reload the newest snapshot."""
+    """Create (or get) the named actor; restarts reload the newest snapshot.
+
+    ``max_task_retries=-1``: calls in flight when the actor dies run again on the restarted
+    one; a retried :meth:`PrototypeActor.wait_round` re-registers its shard.
+    """
     remote_cls = ray.remote(PrototypeActor)
     return remote_cls.options(  # type: ignore[attr-defined]
         name=name, namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        max_task_retries=-1, max_concurrency=16, num_cpus=num_cpus, num_gpus=num_gpus,
+        max_task_retries=-1, max_concurrency=MAX_CONCURRENCY, num_cpus=num_cpus,
+        num_gpus=num_gpus,
     ).remote(settings)
 
 

@@ -10,7 +10,9 @@ clusters on resume instead of restoring them. Writes are atomic (see
 from __future__ import annotations
 
 import io
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,12 +30,34 @@ def snapshot_name(version: int) -> str:
     return f"hierarchy_v{version:06d}.pt"
 
 
-def save_hierarchy(h: PrototypeHierarchy, directory: str | Path) -> str:
+@dataclass(frozen=True)
+class Origin:
+    """Which rebuild round produced a version: ``attempt`` names the worker-group
+    incarnation (chosen by rank 0 at start), ``round`` the completed epochs at submission.
+
+    Persisted next to the snapshot (``hierarchy_v{version:06d}.json``) so that a restarted
+    actor still knows which waits a version answers.
+    """
+
+    version: int
+    attempt: int
+    round: int
+
+
+def origin_name(version: int) -> str:
+    """File name of the origin record for ``version``."""
+    return f"hierarchy_v{version:06d}.json"
+
+
+def save_hierarchy(h: PrototypeHierarchy, directory: str | Path,
+                   origin: Origin | None = None) -> str:
     """Write ``h`` to ``directory/hierarchy_v{version:06d}.pt`` atomically.
 
     Args:
         h: The hierarchy (tensors may live on any device; they are saved from CPU).
         directory: A local folder (created if missing) or an ``s3://`` prefix.
+        origin: The round that built ``h``; written first, so a snapshot that exists
+            always has its origin next to it.
 
     Returns:
         The path (or URI) written.
@@ -41,6 +65,9 @@ def save_hierarchy(h: PrototypeHierarchy, directory: str | Path) -> str:
     if h.version < 0:
         raise ValueError(f"save_hierarchy: version must be >= 0, got {h.version}")
     final = storage.join(directory, snapshot_name(h.version))
+    if origin is not None:
+        storage.write_text(storage.join(directory, origin_name(h.version)),
+                           json.dumps(origin.__dict__))
     payload = {"format": _FORMAT, "version": h.version}
     for name in _FIELDS:
         payload[name] = [t.detach().cpu() for t in getattr(h, name)]
@@ -87,3 +114,24 @@ def latest_snapshot(directory: str | Path) -> str | None:
             if best is None or version > best[0]:
                 best = (version, storage.join(directory, name))
     return None if best is None else best[1]
+
+
+def read_origins(directory: str | Path) -> dict[int, Origin]:
+    """Origins of every version in ``directory`` that has both its snapshot and its record.
+
+    Unreadable records are skipped: a version without an origin answers no round.
+    """
+    names = {name for name, is_dir in storage.list_dir(str(directory)) if not is_dir}
+    found: dict[int, Origin] = {}
+    for name in names:
+        match = _NAME.match(name)
+        if not match or origin_name(int(match.group(1))) not in names:
+            continue
+        try:
+            record = json.loads(storage.read_text(storage.join(directory, origin_name(
+                int(match.group(1))))))
+            found[int(record["version"])] = Origin(int(record["version"]),
+                                                   int(record["attempt"]), int(record["round"]))
+        except (ValueError, KeyError, OSError):
+            continue
+    return found

@@ -17,7 +17,7 @@ from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform, multi_view_transform
 from hirl_ray.eval.features import eval_mode, extract_features
 from hirl_ray.eval.report import evaluate
-from hirl_ray.methods import build_method
+from hirl_ray.hierarchy.actor import get_actor
 from hirl_ray.methods.distributed import broadcast_buffers, convert_sync_batchnorm, ddp_kwargs
 from hirl_ray.methods.hirl import HirlModel
 from hirl_ray.train.checkpoint import (
@@ -35,14 +35,8 @@ from hirl_ray.train.loop import (
     train_epoch,
     unwrap,
 )
-from hirl_ray.train.ray_hierarchy import HierarchyClient
-
-
-def build_model(cfg: ExperimentConfig) -> HirlModel:
-    """Method + per-level HIRL heads (no heads when HIRL is off)."""
-    levels = len(cfg.hirl.num_clusters) if cfg.hirl.enabled else 0
-    return HirlModel(build_method(cfg), num_levels=levels, weight=cfg.hirl.weight,
-                     num_neg_paths=cfg.hirl.num_neg_paths)
+from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
+from hirl_ray.train.resume import ResumePlan, agree_on_resume
 
 
 def build_train_loader(cfg: ExperimentConfig, train_set, rank: int, world: int) -> DataLoader:
@@ -59,32 +53,29 @@ def build_train_loader(cfg: ExperimentConfig, train_set, rank: int, world: int) 
                                  seed=cfg.train.seed)
     return DataLoader(views, batch_size=cfg.train.batch_size // world, sampler=sampler,
                       drop_last=True, num_workers=cfg.data.loader_workers,
-                      persistent_workers=cfg.data.loader_workers > 0)
+                      persistent_workers=cfg.data.loader_workers > 0,
+                      pin_memory=cfg.train.use_gpu)  # page-locked: async host→GPU copies
 
 
-def _restore(run_dir: str) -> tuple[dict | None, CheckpointMeta | None]:
-    """The newest loadable checkpoint: Ray's registered one or a newer one in ``run_dir``.
+def _restore(run_dir: str, rank: int, device: torch.device, actor: Any
+             ) -> tuple[dict | None, ResumePlan]:
+    """Rank 0 picks the checkpoint (the newest loadable one, at least Ray's registered one)
+    and the hierarchy version; every rank loads that choice (:mod:`hirl_ray.train.resume`)."""
 
-    Ray registers a checkpoint only after every rank reported it and the controller
-    processed the report, so after a failure or Ctrl-C its latest can lag the newest
-    complete folder on disk by an epoch or two (ray #46814); a new driver also starts
-    with none (ray #45516). A folder whose upload was cut short fails to load and the
-    next older one is tried.
-    """
-    registered: tuple[dict, CheckpointMeta] | None = None
-    checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
-    if checkpoint is not None:
+    def registered() -> tuple[dict, CheckpointMeta] | None:
+        checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
+        if checkpoint is None:
+            return None
         with checkpoint.as_directory() as d:
-            registered = (load_state(d), read_meta(d))
-    for path in reversed(find_checkpoints(run_dir)):
-        meta = read_meta(path)
-        if registered is not None and meta.epoch <= registered[1].epoch:
-            break
-        try:
-            return load_state(path), meta
-        except Exception as e:  # truncated by the failure: fall back to an older one
-            logging.getLogger(__name__).warning("skipping unreadable checkpoint %s: %s", path, e)
-    return registered if registered is not None else (None, None)
+            return load_state(d), read_meta(d)
+
+    def version_of_round(attempt: int, round_id: int) -> int | None:
+        if actor is None:
+            return None
+        return ray.get(actor.version_of_round.remote(attempt, round_id), timeout=120)
+
+    return agree_on_resume(rank, device, lambda: find_checkpoints(run_dir), registered,
+                           version_of_round)
 
 
 def say(message: str) -> None:
@@ -145,9 +136,10 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     plain = ViewDataset(train_set, eval_transform(cfg.data.image_size))
     feature_loader = ray.train.torch.prepare_data_loader(
         DataLoader(plain, batch_size=max(per_worker, 256), shuffle=False,
-                   num_workers=cfg.data.loader_workers), move_to_device=False)
+                   num_workers=cfg.data.loader_workers, pin_memory=cfg.train.use_gpu),
+        move_to_device=False)
 
-    model = build_model(cfg)
+    model = HirlModel.from_config(cfg)  # hirl.embedding, hirl.neg_average, heads per level
     if cfg.model.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, device.type)  # before DDP; same state_dict
     model = model.to(device)
@@ -155,16 +147,14 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
                                 cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    state, meta = _restore(worker_cfg["run_dir"])
-    start_epoch = step = version = 0
-    pending = False
-    if state is not None and meta is not None:
+    actor = get_actor(worker_cfg["actor_name"]) if cfg.hirl.enabled else None
+    state, plan = _restore(worker_cfg["run_dir"], rank, device, actor)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch, step, version = meta.epoch, meta.step, meta.hierarchy_version
-        pending = bool(meta.metrics.get("hierarchy_building"))
+    start_epoch, step, version = plan.epoch, plan.step, plan.version
     # Ray 3: DDP without per-forward buffer broadcast (it would overwrite every rank's MoCo
     # queue with rank 0's; the queues agree anyway since keys are gathered).
     kwargs = ddp_kwargs()
@@ -173,9 +163,11 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     if "broadcast_buffers" in kwargs:  # older torch: buffers not synced at DDP init either
         broadcast_buffers(unwrap(ddp))
 
-    if cfg.hirl.enabled:  # Ray 4: the prototype actor
+    if actor is not None:  # Ray 4: the prototype actor
         hierarchy: HierarchyClient | StaticHierarchy = HierarchyClient(
-            worker_cfg["actor_name"], device, version, pending)
+            actor, device, rank=rank, world_size=world, attempt=plan.attempt,
+            agree=dist_agree(device))
+        hierarchy.load(version)
     else:
         hierarchy = StaticHierarchy(None)
     if rank == 0 and start_epoch:
@@ -195,7 +187,11 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
         if not cfg.hirl.async_rebuild:
             hierarchy.wait()
 
-    if start_epoch == 0 and is_rebuild_epoch(0, cfg.hirl, cfg.train.epochs) \
+    if plan.pending_round is not None and isinstance(hierarchy, HierarchyClient):
+        # A round was being built when the checkpoint was taken; its features came from
+        # this very model, so redoing it gives the round the group lost.
+        rebuild(plan.pending_round)
+    elif start_epoch == 0 and is_rebuild_epoch(0, cfg.hirl, cfg.train.epochs) \
             and hierarchy.current is None:
         rebuild(0)
     eval_inputs: dict[str, Any] | None = None
@@ -208,7 +204,9 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
                                   device=device, scaler=scaler, generator=generator)
         if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
             rebuild(epoch + 1)
-        building = isinstance(hierarchy, HierarchyClient) and hierarchy.building
+        pending_round = hierarchy.pending_round if isinstance(hierarchy, HierarchyClient) \
+            else None
+        building = pending_round is not None
         # The version the next epoch starts with (a sync rebuild may have just switched).
         next_version = hierarchy.current.version if hierarchy.current is not None else 0
         metrics = {"epoch": epoch + 1, "loss": stats.loss, "ssl_loss": stats.method_loss,
@@ -216,6 +214,9 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
                    else float("nan"), "hirl_active": stats.semantic_steps > 0,
                    "hierarchy_version": stats.hierarchy_version, "lr": stats.lr,
                    "hierarchy_building": building,
+                   # For a resume: which round to redo (-1: none) and by which attempt.
+                   "hierarchy_pending_round": -1 if pending_round is None else pending_round,
+                   "hierarchy_attempt": plan.attempt,
                    "samples_per_s": stats.samples_per_s * world, "epoch_s": stats.seconds}
         if rank == 0 and is_eval_epoch(epoch + 1, cfg):
             # Rank 0 alone, between steps; the others wait in report() below. Keys as in
