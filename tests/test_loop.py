@@ -113,3 +113,36 @@ def test_train_epoch_reads_losses_from_the_device_once_per_epoch(monkeypatch):
     # A per-step float(loss) blocks the host until a GPU step finishes (no overlap): the number of
     # host reads must not grow with the number of steps.
     assert _count_host_reads(monkeypatch, 2) == _count_host_reads(monkeypatch, 5)
+
+
+def test_hierarchy_is_polled_on_the_same_global_steps_every_poll_every(monkeypatch):
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import build_optimizer, train_epoch
+
+    class Counting:
+        current = None
+
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def poll(self):
+            self.steps.append(len(seen))
+
+    seen: list[int] = []
+    cfg = load_config(None, {"model.width": 8, "method.hidden_dim": 16, "method.proj_dim": 8,
+                             "hirl.enabled": False})
+    model = HirlModel.from_config(cfg)
+    batches = [([torch.randn(4, 3, 32, 32)] * 2, torch.arange(4)) for _ in range(7)]
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    source = Counting()
+    train_epoch(model, batches, build_optimizer(model.parameters(), "sgd", 0.01, 0.0), epoch=1,
+                step=6, total_steps=20, base_lr=0.01, warmup_steps=0, hierarchy=source,
+                device=torch.device("cpu"), poll_every=4)
+    # Global steps 6..12: polled before the steps 8 and 12 (the 3rd and 7th of this epoch).
+    assert source.steps == [2, 6]

@@ -115,11 +115,14 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 hierarchy: HierarchySource, device: torch.device,
                 scaler: torch.amp.GradScaler | None = None,
                 generator: torch.Generator | None = None,
-                max_steps: int | None = None) -> tuple[EpochStats, int]:
+                max_steps: int | None = None, poll_every: int = 1) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
-    called through its wrapper so DDP synchronises gradients.
+    called through its wrapper so DDP synchronises gradients. ``hierarchy.poll()`` runs on
+    global steps divisible by ``poll_every`` (the same steps on every rank): while a rebuild is
+    pending a poll is a cross-rank agreement whose result the host must read, so polling every
+    step would stall a GPU's queue of work each step; a new hierarchy can wait a few steps.
     """
     model.train()
     inner = unwrap(model)
@@ -132,7 +135,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     lr = base_lr
     start = time.perf_counter()
     for views, index in loader:
-        hierarchy.poll()
+        if step % poll_every == 0:
+            hierarchy.poll()
         h = hierarchy.current
         lr = cosine_lr(base_lr, step, total_steps, warmup_steps)
         for group in optimizer.param_groups:

@@ -39,6 +39,10 @@ from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
 from hirl_ray.train.resume import ResumePlan, agree_on_resume
 
 
+#: Steps between checks for a finished rebuild (each is a host-synchronising agreement).
+HIERARCHY_POLL_EVERY = 8
+
+
 def build_train_loader(cfg: ExperimentConfig, train_set, rank: int, world: int) -> DataLoader:
     """This rank's loader of augmented views, ``train.batch_size / world`` per step.
 
@@ -201,7 +205,8 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
         stats, step = train_epoch(ddp, loader, optimizer, epoch=epoch, step=step,
                                   total_steps=total_steps, base_lr=cfg.train.lr,
                                   warmup_steps=warmup_steps, hierarchy=hierarchy,
-                                  device=device, scaler=scaler, generator=generator)
+                                  device=device, scaler=scaler, generator=generator,
+                                  poll_every=HIERARCHY_POLL_EVERY)
         if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
             rebuild(epoch + 1)
         pending_round = hierarchy.pending_round if isinstance(hierarchy, HierarchyClient) \
