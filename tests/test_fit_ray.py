@@ -62,3 +62,20 @@ def test_resume_with_incompatible_config_is_refused_without_touching_results(tmp
     with pytest.raises(hirl_ray.ConfigError, match="model.backbone='resnet18' differs"):
         hirl_ray.fit(None, tiny_config(tmp_path, **{"model.backbone": "resnet18"}))
     assert sorted(p.name for p in (run / "train").iterdir()) == before
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_workers_follow_hirl_embedding(tmp_path):
+    # hirl.embedding=backbone: the heads read and the actor clusters backbone features (width
+    # model.width), not the projector's (method.proj_dim=32 in tiny_config).
+    result = hirl_ray.fit(None, tiny_config(tmp_path, **{
+        "hirl.embedding": "backbone", "train.epochs": 2, "train.num_workers": 1,
+        "model.width": 24}))
+    from hirl_ray.hierarchy.snapshot import load_hierarchy
+    from hirl_ray.train.checkpoint import load_state
+
+    h = load_hierarchy(result.hierarchy_path)
+    state = load_state(result.checkpoint_path)["model"]
+    head_in = [v.shape[1] for k, v in state.items() if k.startswith("heads.0.") and v.ndim == 2]
+    assert head_in[0] == h.dim
+    assert h.dim != 32

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import numpy as np
 import ray
 
 from hirl_ray import storage
+from hirl_ray.hierarchy.faiss_build import describe_faiss
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 from hirl_ray.hierarchy.rebuild import build_from_shards
 from hirl_ray.hierarchy.snapshot import (
@@ -138,6 +140,8 @@ class PrototypeActor:
 
     def __init__(self, settings: ActorSettings) -> None:
         self.settings = settings
+        # Which faiss this node runs (faiss-cpu vs faiss-gpu, GPUs visible): said at start-up.
+        self._faiss = f"{describe_faiss()} on {socket.gethostname()}"
         self._collecting: dict[tuple[int, int], dict[int, tuple[Any, Any]]] = {}
         self._complete: dict[tuple[int, int], list[tuple[Any, Any]]] = {}  # in completion order
         self._failed: dict[int, tuple[int, str]] = {}  # attempt -> (highest failed round, error)
@@ -186,7 +190,7 @@ class PrototypeActor:
                 "collecting": {f"{a}/{r}": len(s) for (a, r), s in self._collecting.items()},
                 "queued": [list(k) for k in self._complete], "builds": self._builds,
                 "puts": self._puts, "last_build_s": self._last_build_s,
-                "error": self._last_error}
+                "error": self._last_error, "faiss": self._faiss}
 
     # --- rounds ---
     async def wait_round(self, attempt: int, min_round: int, shard: Shard | None = None,

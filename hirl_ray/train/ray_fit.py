@@ -19,7 +19,6 @@ from ray.train.torch import TorchTrainer
 from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
-from hirl_ray.hierarchy.faiss_build import describe_faiss
 from hirl_ray.hierarchy.memory import (
     RebuildMemory,
     check_rebuild_memory,
@@ -127,12 +126,25 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     try:
+        if actor is not None:
+            _say_actor_faiss(actor)
         if actor is not None and rebuild_memory is not None and os.environ.get("RAY_ADDRESS"):
             check_actor_node_memory(actor, rebuild_memory)
         trainer.fit()
     finally:
         if actor is not None:
             ray.kill(actor)
+
+
+def _say_actor_faiss(actor: Any, timeout_s: float = 30.0) -> None:
+    """Print which faiss build the prototype actor's node runs (faiss-cpu vs faiss-gpu)."""
+    try:
+        where = ray.get(actor.status.remote(), timeout=timeout_s)["faiss"]
+    except ray.exceptions.GetTimeoutError:  # e.g. an autoscaler still starting its node
+        print(f"[hirl_ray] prototype actor not placed within {timeout_s:.0f}s; training starts "
+              "and waits for it at the first rebuild", flush=True)
+        return
+    print(f"[hirl_ray] prototype actor k-means: {where}", flush=True)
 
 
 def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitOutcome:
@@ -157,10 +169,6 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             rebuild_memory: RebuildMemory | None = None) -> FitOutcome:
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
-    if cfg.hirl.enabled:
-        print(f"[hirl_ray] k-means: {describe_faiss()} on the driver; the prototype actor uses "
-              f"{'faiss-gpu when its node has a GPU' if cfg.hirl.actor_num_gpus else 'the CPU'}",
-              flush=True)
     train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
     print("[hirl_ray] evaluating the final checkpoint (kNN, clustering per level)…", flush=True)
     return final_evaluation(cfg, run_dir)
