@@ -38,10 +38,28 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hirl_ray",
-                 logging_level="WARNING")
+        _init_test_ray(ray)
     yield ray
     ray.shutdown()
+
+
+def _init_test_ray(ray) -> None:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hirl_ray",
+             logging_level="WARNING")
+
+
+@pytest.fixture(scope="module")
+def fresh_ray(ray_session):
+    """The session's Ray, restarted for this module.
+
+    After a couple of hundred tests in one driver process, the first fit against S3 sometimes
+    stopped receiving actor-state notifications from the GCS (its prototype actor and Train
+    controller never seen ALIVE by the driver, so the fit waits forever). Not reproduced with a
+    fresh driver; until the cause in Ray is found, the S3 fits get one.
+    """
+    ray_session.shutdown()
+    _init_test_ray(ray_session)
+    yield ray_session
 
 
 def tiny_config(tmp_path, **overrides):

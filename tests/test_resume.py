@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,7 +26,7 @@ def _write_run(run_dir, epochs=(1, 2, 3)) -> list[str]:
     return find_checkpoints(run_dir)
 
 
-def _rank_main(rank: int, run_dir: str, init_file: str, out: dict) -> None:
+def _rank_main(rank: int, run_dir: str, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         if rank == 1:
@@ -42,19 +44,19 @@ def _rank_main(rank: int, run_dir: str, init_file: str, out: dict) -> None:
         state, plan = resume.agree_on_resume(
             rank, torch.device("cpu"), lambda: find_checkpoints(run_dir), lambda: None,
             lambda attempt, round_id: None)
-        out[rank] = (plan, int(state["model"]["w"][0]))
+        torch.save((plan, int(state["model"]["w"][0])), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_rank_zero_decides_and_a_transient_read_error_on_rank_one_does_not_split_ranks(tmp_path):
     _write_run(tmp_path)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_main, args=(str(tmp_path), str(tmp_path / "pg"), out), nprocs=2,
-                 join=True)
-        plans = dict(out)
-    (plan0, weight0), (plan1, weight1) = plans[0], plans[1]
+    # Results come back as files, not through mp.Manager(): a Manager forks this process, and a
+    # fork of a process that holds a Ray driver (the test session's) breaks its GCS connection.
+    mp.spawn(_rank_main, args=(str(tmp_path), str(tmp_path / "pg"), str(tmp_path)), nprocs=2,
+             join=True)
+    (plan0, weight0), (plan1, weight1) = (
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert plan0 == plan1  # epoch, step, version, pending round and attempt
     assert (plan0.epoch, plan0.step, plan0.version) == (3, 30, 3)
     assert plan0.checkpoint.endswith("epoch_0003") and weight0 == weight1 == 3

@@ -11,6 +11,8 @@ from hirl_ray.train.checkpoint import find_checkpoints, read_meta
 
 from .conftest import S3_SECRET, tiny_config
 
+pytestmark = pytest.mark.usefixtures("fresh_ray")
+
 
 @pytest.fixture()
 def bucket(s3_server):
