@@ -303,3 +303,23 @@ def test_cuda_matches_cpu():
         z_cuda, index.cuda(), h.to("cuda"), 40, torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(cuda.cpu(), cpu.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_cosines_ignore_whatever_memory_they_are_given(monkeypatch):
+    # K >= 16 (1 + M): the CPU forward takes the sampled-matmul path. Its value slots must not
+    # leak into the result: with uninitialised memory holding NaN bit patterns the loss was NaN
+    # at random (sampled_addmm computes beta * values even for beta = 0).
+    h = random_hierarchy([400, 40, 6], 16, num_samples=64, seed=0)
+    z = random_z(h, 8, seed=0)
+    index = torch.arange(8)
+    clean = semantic_path_loss(z, index, h, 20, torch.Generator().manual_seed(0))
+    original = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        return original(self, *args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    loss = semantic_path_loss(z, index, h, 20, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in z)
+    torch.testing.assert_close(loss.detach(), clean.detach())

@@ -145,7 +145,9 @@ class _PathCosines(torch.autograd.Function):
             pattern = torch.sparse_csr_tensor(
                 crow,
                 nodes.reshape(-1),
-                z.new_empty(batch * paths),
+                # Zeros, not new_empty: sampled_addmm computes beta * values even for beta = 0,
+                # and uninitialised memory holding a NaN bit pattern made the loss NaN at random.
+                z.new_zeros(batch * paths),
                 size=(batch, c.shape[0]),
                 check_invariants=False,
             )
