@@ -129,10 +129,12 @@ def check_path_loss(device: torch.device, quick: bool) -> dict[str, Any]:
                                [c.double() for c in centroids], eps=1e-6)
     ref.backward()
     grad_err = max(float((zd.grad.cpu().double() - zr.grad).abs().max() /
-                         zr.grad.abs().max().clamp(min=1e-12)) for zd, zr in zip(z_dev, z64))
-    loss_err = abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach()))
+                         zr.grad.abs().max().clamp(min=1e-12))
+                   for zd, zr in zip(z_dev, z64, strict=True))
+    value, reference = float(loss.detach()), float(ref.detach())
+    loss_err = abs(value - reference) / abs(reference)
     return {"ok": loss.dtype == torch.float32 and loss_err < 1e-4 and grad_err < 1e-3,
-            "loss": float(loss.detach()), "reference": float(ref.detach()), "loss_dtype": str(loss.dtype),
+            "loss": value, "reference": reference, "loss_dtype": str(loss.dtype),
             "rel_loss_err": loss_err, "rel_grad_err": grad_err}
 
 
@@ -157,7 +159,8 @@ def check_faiss_gpu(device: torch.device, quick: bool) -> dict[str, Any]:
         results[name] = fit_hierarchy(x, ks, seed=0, nredo=1, use_gpu=use_gpu)
         timings[name] = time.perf_counter() - start
     nmi = [float(normalized_mutual_info_score(a.numpy(), b.numpy()))
-           for a, b in zip(results["cpu"].assignments, results["gpu"].assignments)]
+           for a, b in zip(results["cpu"].assignments, results["gpu"].assignments,
+                           strict=True)]
     return {"ok": min(nmi) >= 0.95, "faiss": build, "nmi_per_level": nmi,
             "cpu_s": timings["cpu"], "gpu_s": timings["gpu"]}
 

@@ -1,4 +1,4 @@
-"""`make gpu-check` stays runnable: without a GPU it says so and exits 0; on the CPU its checks pass."""
+"""`make gpu-check` stays runnable: without a GPU it says so and exits 0; its checks pass on CPU."""
 
 from __future__ import annotations
 

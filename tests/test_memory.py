@@ -93,6 +93,7 @@ def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, capsys):
 def test_preflight_checks_this_machine_only_for_a_local_ray(tmp_path, monkeypatch, capsys):
     from hirl_ray import api
     from hirl_ray.config import load_config
+
     from .conftest import tiny_config
 
     cfg = load_config(None, tiny_config(tmp_path))

@@ -37,7 +37,8 @@ def test_make_installs_one_flavour_and_removes_the_other():
             capture_output=True, text=True, check=True).stdout
         lines = out.splitlines()
         uninstall = next(i for i, line in enumerate(lines) if f"uninstall -y -q {other}" in line)
-        install = next(i for i, line in enumerate(lines) if f"install -e '.[{flavour},test]'" in line)
+        wanted = f"install -e '.[{flavour},test]'"
+        install = next(i for i, line in enumerate(lines) if wanted in line)
         assert uninstall < install, out
 
 

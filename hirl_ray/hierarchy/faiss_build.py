@@ -44,7 +44,7 @@ def check_faiss_install(found: list[str] | None = None) -> str:
         found: Installed distributions (default: looked up with ``importlib.metadata``).
 
     Returns:
-        The distribution's name, or ``"faiss"`` for a build that pip did not install (conda, source).
+        The distribution's name, or ``"faiss"`` for a build pip did not install (conda, source).
 
     Raises:
         ConfigError: Two or more faiss distributions, or none and no importable ``faiss``.
@@ -68,7 +68,7 @@ def check_faiss_install(found: list[str] | None = None) -> str:
 
 
 def describe_faiss() -> str:
-    """One line for logs: version, distribution and GPUs faiss sees, e.g. ``faiss 1.15.1 (faiss-cpu, 0 GPUs)``."""
+    """One line for logs: version, distribution, GPUs: ``faiss 1.15.1 (faiss-cpu, 0 GPUs)``."""
     import faiss
 
     dist = check_faiss_install()

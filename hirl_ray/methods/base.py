@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from hirl_ray.config import MethodConfig
 
-
 #: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
 EMBEDDINGS = ("projection", "backbone")
 

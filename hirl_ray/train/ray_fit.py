@@ -110,13 +110,13 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False,
             kmeans_init=cfg.hirl.kmeans_init),
             num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
+    gpus = {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "actor_name": name, "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
-                                  **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})}),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus}),
         run_config=ray.train.RunConfig(
             name="train", storage_path=str(run_dir), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),

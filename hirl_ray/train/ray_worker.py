@@ -38,7 +38,6 @@ from hirl_ray.train.loop import (
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
 from hirl_ray.train.resume import ResumePlan, agree_on_resume
 
-
 #: Steps between checks for a finished rebuild (each is a host-synchronising agreement).
 HIERARCHY_POLL_EVERY = 8
 
