@@ -52,6 +52,21 @@ def load_backbone(checkpoint: str | Path, device: str | torch.device = "cpu"
     return backbone.to(device).eval(), eval_transform(cfg.data.image_size)
 
 
+def load_cluster_encoder(checkpoint: str | Path, device: str | torch.device = "cpu"
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The features the run's prototype hierarchy was built from (``hirl.embedding``).
+
+    Maps preprocessed images (B, 3, S, S) to L2-normalised (B, D) features in the space of the
+    hierarchy's centroids (by default the target network's projector output), in eval mode.
+    """
+    from hirl_ray.methods.hirl import HirlModel
+
+    path = resolve_checkpoint(checkpoint)
+    model = HirlModel.from_config(from_dict(read_meta(path).config))
+    model.load_state_dict(load_state(path)["model"])
+    return model.to(device).eval().cluster_embed
+
+
 def _loader(cfg: ExperimentConfig, split: str) -> tuple[DataLoader, np.ndarray, tuple[str, ...]]:
     ds = build_dataset(cfg.data, split)
     loader = DataLoader(ViewDataset(ds, eval_transform(cfg.data.image_size)), batch_size=256,

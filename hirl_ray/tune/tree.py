@@ -19,7 +19,7 @@ from hirl_ray.data import ViewDataset, build_dataset, eval_transform  # noqa: E4
 from hirl_ray.eval.features import extract_features  # noqa: E402
 from hirl_ray.hierarchy import PrototypeHierarchy, latest_snapshot, load_hierarchy  # noqa: E402
 from hirl_ray.train.checkpoint import read_meta  # noqa: E402
-from hirl_ray.train.evaluate import load_backbone  # noqa: E402
+from hirl_ray.train.evaluate import load_cluster_encoder  # noqa: E402
 
 MAX_PROTOTYPES = 16  # per level row; the largest clusters are shown when there are more
 
@@ -59,11 +59,12 @@ def prototype_tree(run_dir: str | Path, checkpoint: str | Path, path: Path,
         return None
     h = load_hierarchy(snap)
     cfg = from_dict(read_meta(checkpoint).config)
-    backbone, _ = load_backbone(checkpoint)
+    # Centroids live where k-means ran (hirl.embedding), not necessarily in backbone space.
+    encoder = load_cluster_encoder(checkpoint)
     train = build_dataset(cfg.data, "train")
     loader = DataLoader(ViewDataset(train, eval_transform(cfg.data.image_size)), batch_size=256)
     with torch.no_grad():
-        feats, idx = extract_features(backbone, loader, device="cpu", normalize=True)
+        feats, idx = extract_features(encoder, loader, device="cpu", normalize=True)
     feats = feats[torch.argsort(idx)]
     rows = list(reversed(range(h.num_levels)))  # coarsest level on top
     fig, axes = plt.subplots(len(rows), 1, squeeze=False,
