@@ -5,6 +5,11 @@ import logging as _logging
 # faiss announces at INFO which SIMD build it loaded, in every Ray worker; keep it quiet.
 _logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
 
+# The built-in datasets, backbones and methods register themselves in hirl_ray.config's
+# registries when imported; do it here so any load_config() sees them.
+import hirl_ray.data  # noqa: E402, F401
+import hirl_ray.methods  # noqa: E402, F401
+import hirl_ray.models  # noqa: E402, F401
 from hirl_ray.api import FitResult, TuneResult, fit, load_backbone, tune  # noqa: E402
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 

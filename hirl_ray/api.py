@@ -20,15 +20,14 @@ from hirl_ray.hierarchy.memory import (
     node_memory_bytes,
     rebuild_estimate,
 )
-from hirl_ray.train.evaluate import load_backbone
+from hirl_ray.eval.checkpoint import load_backbone
 
 __all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tune"]
 
 # Keys that change the network or the hierarchy's shape: a run folder trained with other
 # values cannot be resumed with these, so we refuse before touching it.
 _RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"),
-                ("method", "name"), ("method", "proj_dim"), ("method", "hidden_dim"),
-                ("hirl", "enabled"), ("hirl", "num_clusters"), ("data", "name"),
+                ("method", "name"), ("hirl", "enabled"), ("hirl", "num_clusters"), ("data", "name"),
                 ("data", "image_size"),
                 ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
 
@@ -95,7 +94,8 @@ def prepare_run(cfg: ExperimentConfig) -> str:
     if storage.exists(saved):
         old = yaml.safe_load(storage.read_text(saved)) or {}
         new = cfg.to_dict()
-        for section, key in _RESUME_KEYS:
+        method_keys = tuple(("method", k) for k in cfg.method.shape_keys)
+        for section, key in (*_RESUME_KEYS, *method_keys):
             a, b = old.get(section, {}).get(key), new[section][key]
             if a != b:
                 raise ConfigError(
@@ -180,7 +180,7 @@ def tune(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig,
 
     Everything (config, search space, data size, sweep folder) is checked before Ray starts.
     """
-    from hirl_ray.tune.sweep import execute, plan_sweep
+    from hirl_ray.sweep.sweep import execute, plan_sweep
 
     check_faiss_install()
     plan = plan_sweep(config_or_path, overrides, resume)

@@ -53,16 +53,16 @@ def _tune_main(args: argparse.Namespace) -> int:
         if result.interrupted:
             print(f"Interrupted: continue with  hirl-ray tune --resume {result.sweep_dir}")
     elif args.command == "report":
-        from hirl_ray.tune.report import write_report
+        from hirl_ray.sweep.report import write_report
 
         path = write_report(args.sweep_dir)
         print(f"Report written: {path}  (open file://{path})")
         if args.screenshot:
-            from hirl_ray.tune.report import screenshot
+            from hirl_ray.sweep.report import screenshot
 
             print(f"Screenshot: {screenshot(path, path.parent / 'screenshot.png')}")
     else:
-        from hirl_ray.tune.dashboard import serve_dashboard
+        from hirl_ray.sweep.dashboard import serve_dashboard
 
         serve_dashboard(args.sweep_dir, port=args.port)
     return 0
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return _tune_main(args)
         elif args.command == "eval":
             from hirl_ray import storage
-            from hirl_ray.train.evaluate import evaluate_checkpoint, resolve_checkpoint
+            from hirl_ray.eval.checkpoint import evaluate_checkpoint, resolve_checkpoint
 
             path = resolve_checkpoint(args.checkpoint)
             run_dir = path.rstrip("/").rsplit("/", 2)[0]  # <run>/train/epoch_NNNN

@@ -1,8 +1,18 @@
-"""Experiment configuration: frozen dataclasses and a strict YAML loader.
+"""Experiment configuration: frozen dataclasses, the name registries and one strict YAML loader.
 
-Every key has one typed home here. Unknown keys, wrong types and impossible values
-raise :class:`ConfigError` with one line that names the key and says the fix, before
-any data is generated or Ray is started.
+Every key has one typed home. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with one line that names the key and says the fix, before any data is
+generated or Ray is started.
+
+This module is the leaf of the package: it imports nothing of ``hirl_ray``. The layers above
+register what they implement in the registries below (``DATASETS``, ``BACKBONES``, ``METHODS``,
+``PROTOCOLS``) and may add top-level sections (``register_section``, e.g. ``tune:``); the loader
+checks names against them once, at load time. A method's ``method:`` section is the dataclass
+its class names in ``Config``, chosen by ``method.name``.
+
+The loader recurses into nested dataclasses, ``tuple[...]``, ``Mapping[str, ...]`` and unions;
+a dataclass may define ``check(self, where)`` for its own value checks (``where`` is its dotted
+key, e.g. ``"train"``), called right after it is built.
 
 Batch size is *global* (summed over Ray Train workers) and must divide evenly: each worker
 gets ``train.batch_size / train.num_workers``. The learning rate is used as given
@@ -21,17 +31,96 @@ from typing import Any
 
 import yaml
 
-
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
 
 
+class Registry:
+    """The names one config key accepts, each with what implements it.
+
+    Filled by the module that implements an entry (``METHODS.register("simclr", SimCLR)``);
+    read by the loader (names) and by the builders (entries).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str, entry: Any) -> Any:
+        """Add ``name``; registering another entry under a taken name is an error."""
+        old = self._entries.get(name)
+        if old is not None and getattr(old, "__qualname__", old) != getattr(
+                entry, "__qualname__", entry):
+            raise ValueError(f"{self.key}: {name!r} is already registered to {old!r}")
+        self._entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a toy entry clean up with this)."""
+        self._entries.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(tuple(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.get(name)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._entries.items())
+
+    def get(self, name: str) -> Any:
+        """The entry of ``name``, or a one-line ``ConfigError`` listing the choices."""
+        if name not in self._entries:
+            raise ConfigError(f"{self.key} must be one of {', '.join(self._entries)}, "
+                              f"got {name!r}")
+        return self._entries[name]
+
+
+DATASETS = Registry("data.name")
+BACKBONES = Registry("model.backbone")
+#: ``method.name`` → the method class; its ``Config`` is the ``method:`` section's dataclass.
+METHODS = Registry("method.name")
+#: ``eval.protocols`` → an evaluation protocol (see ``hirl_ray/eval/protocol.py``).
+PROTOCOLS = Registry("eval.protocols")
+DEFAULT_METHOD = "simclr"
+
+
+# ---- value checks shared by the sections' ``check`` methods --------------------------------
+
+def check_positive(obj: Any, where: str, *names: str, strict: bool = True) -> None:
+    """``obj.<name> > 0`` (``>= 0`` with ``strict=False``) for each name, else ConfigError."""
+    for name in names:
+        value = getattr(obj, name)
+        if not (value > 0 if strict else value >= 0):
+            raise ConfigError(f"{where}.{name} must be {'>' if strict else '>='} 0, got {value}")
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_fraction(key: str, value: float, upper_open: bool = True) -> None:
+    """``0 <= value < 1`` (``<= 1`` with ``upper_open=False``)."""
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ConfigError(f"{key} must be in [0, 1{')' if upper_open else ']'}, got {value}")
+
+
+# ---- sections ----------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where images come from.
-
-    ``name``: synthetic | imagefolder | npz | cifar10 | cifar100 | digits.
-    """
+    """Where images come from; ``name`` is one of ``DATASETS`` (synthetic, imagefolder, …)."""
 
     name: str = "synthetic"
     root: str | None = None
@@ -42,10 +131,18 @@ class DataConfig:
     seed: int = 0
     loader_workers: int = 0
 
+    def check(self, where: str) -> None:
+        check_positive(self, where, "image_size", "train_per_class", "test_per_class")
+        check_positive(self, where, "loader_workers", strict=False)
+        check_choice(f"{where}.name", self.name, DATASETS.names())
+        if getattr(DATASETS.get(self.name), "needs_root", True) and not self.root:
+            raise ConfigError(f"{where}.root is required for {where}.name={self.name!r}; "
+                              "set it to the dataset's local path or s3:// URI")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone: small_cnn | resnet18 | resnet50 (``small_stem`` for ≤64 px inputs).
+    """Backbone, one of ``BACKBONES`` (``small_stem`` for ≤64 px inputs).
 
     ``sync_bn``: with more than one worker, BatchNorm statistics are computed over the global
     batch (SyncBatchNorm, also on CPU/gloo) instead of each worker's share.
@@ -56,17 +153,27 @@ class ModelConfig:
     width: int = 64
     sync_bn: bool = False
 
+    def check(self, where: str) -> None:
+        check_positive(self, where, "width")
+        check_choice(f"{where}.backbone", self.backbone, BACKBONES.names())
+
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The base SSL method HIRL sits on: simclr | mocov2 | simsiam | byol."""
+    """Base of every method's own ``method:`` dataclass (declared next to its class).
 
-    name: str = "simclr"
-    proj_dim: int = 128
-    hidden_dim: int = 512
-    temperature: float = 0.2
-    momentum: float = 0.99
-    queue_size: int = 4096
+    ``shape_keys``: keys that change the network's parameters; a run folder trained with other
+    values cannot be resumed.
+    """
+
+    name: str = DEFAULT_METHOD
+    shape_keys: typing.ClassVar[tuple[str, ...]] = ()
+
+
+#: Choices of the ``hirl:`` string keys.
+HIRL_EMBEDDINGS = ("projection", "backbone")
+KMEANS_INITS = ("random", "kmeans++")
+NEG_AVERAGES = ("per_sample", "pooled")
 
 
 @dataclass(frozen=True)
@@ -99,11 +206,31 @@ class HirlConfig:
     # pooled: one mean over all true negatives of the batch.
     neg_average: str = "per_sample"
 
+    def check(self, where: str) -> None:
+        check_positive(self, where, "kmeans_iters", "kmeans_nredo", "max_points_per_centroid",
+                       "rebuild_every_epochs")
+        check_positive(self, where, "warmup_epochs", "num_neg_paths", "weight", "actor_num_cpus",
+                       "actor_num_gpus", strict=False)
+        check_choice(f"{where}.embedding", self.embedding, HIRL_EMBEDDINGS)
+        check_choice(f"{where}.kmeans_init", self.kmeans_init, KMEANS_INITS)
+        check_choice(f"{where}.neg_average", self.neg_average, NEG_AVERAGES)
+        if not self.enabled:
+            return
+        k = self.num_clusters
+        if not k:
+            raise ConfigError(f"{where}.num_clusters must list one cluster count per level, "
+                              "got []")
+        for i, n in enumerate(k):
+            if n < 2:
+                raise ConfigError(f"{where}.num_clusters[{i}] must be >= 2, got {n}")
+        for i in range(1, len(k)):
+            if k[i] >= k[i - 1]:
+                raise ConfigError(
+                    f"{where}.num_clusters must strictly decrease per level, got {list(k)} "
+                    f"(level {i} >= level {i - 1})")
 
-#: Choices of the ``hirl:`` string keys (here, because config.py imports nothing of ours).
-HIRL_EMBEDDINGS = ("projection", "backbone")
-KMEANS_INITS = ("random", "kmeans++")
-NEG_AVERAGES = ("per_sample", "pooled")
+
+OPTIMIZERS = ("sgd", "adamw", "lars")
 
 
 @dataclass(frozen=True)
@@ -125,6 +252,25 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     max_failures: int = 0
 
+    def check(self, where: str) -> None:
+        check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
+                       "cpus_per_worker", "gpus_per_worker")
+        check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
+                       strict=False)
+        check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        gpus = self.gpus_per_worker
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(f"{where}.gpus_per_worker must be a fraction <= 1 or a whole "
+                              f"number, got {gpus}; Ray cannot split a request across GPUs")
+        b, w = self.batch_size, self.num_workers
+        if b % w:
+            raise ConfigError(f"{where}.batch_size ({b}) is global and must be divisible by "
+                              f"{where}.num_workers ({w}); use e.g. "
+                              f"{where}.batch_size={b // w * w or w}")
+        if b < w * 2:
+            raise ConfigError(f"{where}.batch_size ({b}) is global and must give each of the "
+                              f"{w} workers >= 2 samples")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -135,6 +281,10 @@ class EvalConfig:
     every_epochs: int = 0
     max_train_samples: int = 0
 
+    def check(self, where: str) -> None:
+        check_positive(self, where, "knn_k", "knn_temperature")
+        check_positive(self, where, "every_epochs", "max_train_samples", strict=False)
+
 
 @dataclass(frozen=True)
 class StorageConfig:
@@ -143,36 +293,48 @@ class StorageConfig:
     path: str = "results"
     name: str = "default"
 
+    def check(self, where: str) -> None:
+        if "/" in self.name or not self.name:
+            raise ConfigError(f"{where}.name must be a plain folder name, got {self.name!r}")
+
+
+def _default_method() -> MethodConfig:
+    return METHODS.get(DEFAULT_METHOD).Config()
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment; build one with :func:`load_config`."""
+    """A whole experiment; build one with :func:`load_config`.
+
+    ``sections``: the registered extra top-level sections present in the file (e.g. ``tune``),
+    each parsed into its dataclass; read one with :meth:`section`.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=_default_method)
     hirl: HirlConfig = field(default_factory=HirlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    # Extra top-level sections owned by other features (tune:) are kept as raw mappings
-    # and validated by their owners.
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    sections: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> str:
-        """``storage.path/storage.name`` (a local path or an ``s3://`` URI)."""
+        """``storage.path/storage.name`` (a local path or a remote URI such as ``s3://…``)."""
         return f"{self.storage.path.rstrip('/')}/{self.storage.name}"
+
+    def section(self, name: str) -> Any:
+        """The parsed extra section ``name`` (e.g. ``"tune"``), or ``None`` when absent."""
+        if name not in _EXTRA_SECTIONS:
+            raise KeyError(f"no section {name!r} is registered")
+        return self.sections.get(name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe) that :func:`load_config` accepts back."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "extras":
-                continue
-            out[f.name] = {k: list(v) if isinstance(v, tuple) else v
-                           for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
-        out.update({k: v for k, v in self.extras.items()})
+        out = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != "sections"}
+        out.update({k: to_plain(v) for k, v in self.sections.items()})
         return out
 
 
@@ -180,21 +342,65 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "method": MethodConfig, "hirl": HirlConfig,
     "train": TrainConfig, "eval": EvalConfig, "storage": StorageConfig,
 }
-EXTRA_SECTIONS = ("tune",)
+_EXTRA_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add an optional top-level section (e.g. ``tune``) parsed into the dataclass ``cls``."""
+    if name in SECTIONS or (name in _EXTRA_SECTIONS and _EXTRA_SECTIONS[name] is not cls
+                            and _EXTRA_SECTIONS[name].__qualname__ != cls.__qualname__):
+        raise ValueError(f"section {name!r} is already defined")
+    _EXTRA_SECTIONS[name] = cls
+    return cls
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings as plain dicts/lists (what YAML/JSON hold)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value
+
+
+# ---- the loader ---------------------------------------------------------------------------
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation; return it in the field's type."""
+    if annotation is Any:
+        return value
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
+        if value is None:
+            if type(None) in args:
+                return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        errors = []
+        for alternative in inner:
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{key}: {value!r} is none of the accepted forms ({'; '.join(map(str, errors))})")
     if origin is tuple:
-        if isinstance(value, (int, float, str, bool)) or value is None:
+        if isinstance(value, (int, float, str, bool, Mapping)) or value is None:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.Mapping) or annotation in (Mapping, dict):
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        inner_type = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(f"{key}.{k}", v, inner_type) for k, v in value.items()}
+    if annotation is MethodConfig:
+        return build_method_section(key, value)
+    if dataclasses.is_dataclass(annotation):
+        return build(key, annotation, value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -214,97 +420,44 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation for {key}: {annotation}")  # programming error
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
+def build(where: str, cls: type, raw: Any) -> Any:
+    """Build the dataclass ``cls`` from ``raw`` (a mapping or ``None``), strictly.
+
+    Unknown keys and wrong types raise ``ConfigError`` naming ``where.key``; nested dataclass
+    fields recurse; ``cls.check(where)`` runs on the result when it defines one.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{name} must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
     for k in raw:
         if k not in known:
-            raise ConfigError(f"unknown key {name}.{k}; valid keys: {', '.join(sorted(known))}")
-    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
+            raise ConfigError(f"unknown key {where}.{k}; valid keys: {', '.join(sorted(known))}")
+    obj = cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in raw.items()})
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check(where)
+    return obj
 
 
-def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_positive(cfg: ExperimentConfig) -> None:
-    for key in ("data.image_size", "data.train_per_class", "data.test_per_class",
-                "model.width", "method.proj_dim", "method.hidden_dim", "method.queue_size",
-                "hirl.kmeans_iters", "hirl.kmeans_nredo", "hirl.max_points_per_centroid",
-                "hirl.rebuild_every_epochs", "train.epochs", "train.batch_size",
-                "train.num_workers", "eval.knn_k"):
-        section, attr = key.split(".")
-        if getattr(getattr(cfg, section), attr) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), attr)}")
-    for key in ("method.temperature", "train.lr", "eval.knn_temperature",
-                "train.cpus_per_worker", "train.gpus_per_worker"):
-        section, attr = key.split(".")
-        if not getattr(getattr(cfg, section), attr) > 0:
-            raise ConfigError(f"{key} must be > 0, got {getattr(getattr(cfg, section), attr)}")
-    for key in ("hirl.warmup_epochs", "hirl.num_neg_paths", "hirl.weight", "train.weight_decay",
-                "train.warmup_lr_epochs", "train.max_failures", "eval.every_epochs",
-                "eval.max_train_samples", "data.loader_workers", "hirl.actor_num_cpus",
-                "hirl.actor_num_gpus"):
-        section, attr = key.split(".")
-        if getattr(getattr(cfg, section), attr) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(cfg, section), attr)}")
+def build_method_section(where: str, raw: Any) -> MethodConfig:
+    """The ``method:`` section as the dataclass of the method ``raw["name"]`` names."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    name = raw.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name must be a string, got {name!r}")
+    cls = METHODS.get(name).Config
+    return build(where, cls, {**raw, "name": name})
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks that need no data; data-size checks happen in ``api.fit``."""
-    from hirl_ray.data import DATASETS
-    from hirl_ray.methods import METHODS
-    from hirl_ray.models import BACKBONES
-
-    _check_positive(cfg)
-    _check_choice("data.name", cfg.data.name, DATASETS)
-    _check_choice("model.backbone", cfg.model.backbone, BACKBONES)
-    _check_choice("method.name", cfg.method.name, METHODS)
-    _check_choice("train.optimizer", cfg.train.optimizer, ("sgd", "adamw", "lars"))
-    _check_choice("hirl.embedding", cfg.hirl.embedding, HIRL_EMBEDDINGS)
-    _check_choice("hirl.kmeans_init", cfg.hirl.kmeans_init, KMEANS_INITS)
-    _check_choice("hirl.neg_average", cfg.hirl.neg_average, NEG_AVERAGES)
-    if not 0.0 <= cfg.method.momentum < 1.0:
-        raise ConfigError(f"method.momentum must be in [0, 1), got {cfg.method.momentum}")
-    if cfg.data.name not in ("synthetic", "digits") and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}; "
-                          "set it to the dataset's local path")
-    k = cfg.hirl.num_clusters
-    if cfg.hirl.enabled:
-        if not k:
-            raise ConfigError("hirl.num_clusters must list one cluster count per level, got []")
-        for i, n in enumerate(k):
-            if n < 2:
-                raise ConfigError(f"hirl.num_clusters[{i}] must be >= 2, got {n}")
-        for i in range(1, len(k)):
-            if k[i] >= k[i - 1]:
-                raise ConfigError(
-                    f"hirl.num_clusters must strictly decrease per level, got {list(k)} "
-                    f"(level {i} >= level {i - 1})")
-        if cfg.hirl.warmup_epochs >= cfg.train.epochs:
-            raise ConfigError(
-                f"hirl.warmup_epochs ({cfg.hirl.warmup_epochs}) must be < train.epochs "
-                f"({cfg.train.epochs}), or HIRL never starts; lower it or set hirl.enabled=false")
-    gpus = cfg.train.gpus_per_worker
-    if gpus > 1 and gpus != int(gpus):
-        raise ConfigError(f"train.gpus_per_worker must be a fraction <= 1 or a whole number, got "
-                          f"{gpus}; Ray cannot split a request across GPUs")
-    if cfg.train.batch_size % cfg.train.num_workers:
-        b, w = cfg.train.batch_size, cfg.train.num_workers
-        raise ConfigError(f"train.batch_size ({b}) is global and must be divisible by "
-                          f"train.num_workers ({w}); use e.g. train.batch_size={b // w * w or w}")
-    if cfg.train.batch_size < cfg.train.num_workers * 2:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is global and must give "
-                          f"each of the {cfg.train.num_workers} workers >= 2 samples")
-    if "/" in cfg.storage.name or not cfg.storage.name:
-        raise ConfigError(f"storage.name must be a plain folder name, got {cfg.storage.name!r}")
-    return cfg
+    """Every check of the loader on a config built in code (returns the checked copy)."""
+    return from_dict(cfg.to_dict(), source="config")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -346,12 +499,19 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[st
         overrides = dict(parse_override(o) for o in overrides)
     merged = _apply_overrides(dict(raw), overrides or {})
     for k in merged:
-        if k not in SECTIONS and k not in EXTRA_SECTIONS:
+        if k not in SECTIONS and k not in _EXTRA_SECTIONS:
             raise ConfigError(f"{source}: unknown section {k!r}; valid sections: "
-                              f"{', '.join([*SECTIONS, *EXTRA_SECTIONS])}")
-    sections = {name: _build_section(name, cls, merged.get(name)) for name, cls in SECTIONS.items()}
-    extras = {k: merged[k] for k in EXTRA_SECTIONS if k in merged}
-    return validate(ExperimentConfig(**sections, extras=extras))
+                              f"{', '.join([*SECTIONS, *_EXTRA_SECTIONS])}")
+    sections = {name: _coerce(name, merged.get(name), cls) if cls is MethodConfig
+                else build(name, cls, merged.get(name)) for name, cls in SECTIONS.items()}
+    extra = {name: build(name, cls, merged[name]) for name, cls in _EXTRA_SECTIONS.items()
+             if name in merged}
+    cfg = ExperimentConfig(**sections, sections=extra)
+    if cfg.hirl.enabled and cfg.hirl.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(
+            f"hirl.warmup_epochs ({cfg.hirl.warmup_epochs}) must be < train.epochs "
+            f"({cfg.train.epochs}), or HIRL never starts; lower it or set hirl.enabled=false")
+    return cfg
 
 
 def load_config(source: str | Path | Mapping[str, Any] | ExperimentConfig | None = None,

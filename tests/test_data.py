@@ -381,7 +381,7 @@ def test_digits():
 
 
 def test_build_dataset_errors():
-    assert DATASETS == ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits")
+    assert DATASETS.names() == ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits")
     with pytest.raises(ConfigError, match="data.name must be one of"):
         build_dataset(DataConfig(name="mnist"), "train")
     with pytest.raises(ConfigError, match="data.root is required"):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hirl_ray.config import ConfigError, MethodConfig, ModelConfig, load_config
+from hirl_ray.config import ConfigError, ModelConfig, load_config
 from hirl_ray.methods import METHODS, HirlModel
 from hirl_ray.methods.distributed import (
     broadcast_buffers,
@@ -37,8 +37,10 @@ CASES = (("simclr", True), ("mocov2", True), ("mocov2", False))  # (method, sync
 def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
     """The same initial weights in every process (seeded), BN converted as in training."""
     torch.manual_seed(0)
-    cfg = MethodConfig(name=name, proj_dim=16, hidden_dim=32, temperature=0.2, momentum=0.9,
-                       queue_size=QUEUE)
+    knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": QUEUE}
+    cls = METHODS[name].Config
+    cfg = cls(proj_dim=16, hidden_dim=32,
+              **{k: v for k, v in knobs.items() if k in cls.__dataclass_fields__})
     backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=8), SIZE)
     model = HirlModel(METHODS[name](backbone, feat_dim, cfg), num_levels=0)
     model = convert_sync_batchnorm(model, device) if sync_bn else model

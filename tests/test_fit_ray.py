@@ -27,7 +27,7 @@ def test_two_worker_fit_then_resume_continues_epoch_and_hierarchy(tmp_path):
     assert any(m.metrics["hirl_active"] for m in metas)
     assert result.hierarchy_path and Path(result.hierarchy_path).is_file()
     # The sweep report's tree picture embeds images where k-means ran (hirl.embedding).
-    from hirl_ray.tune.tree import prototype_tree
+    from hirl_ray.sweep.tree import prototype_tree
 
     assert prototype_tree(run, result.checkpoint_path, tmp_path / "tree.png").is_file()
     for level in ("subclass", "class", "superclass"):

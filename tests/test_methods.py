@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hirl_ray.config import ExperimentConfig, HirlConfig, MethodConfig, ModelConfig
+from hirl_ray.config import ExperimentConfig, HirlConfig, ModelConfig
 from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy, semantic_path_loss
 from hirl_ray.methods import METHODS, HirlModel, SSLMethod, build_method
 from hirl_ray.methods.base import cosine_momentum
@@ -27,13 +29,11 @@ LEVELS = (8, 4, 2)
 
 def make_method(name: str, seed: int = 0, queue_size: int = 48) -> SSLMethod:
     torch.manual_seed(seed)
-    cfg = MethodConfig(
-        name=name,
-        proj_dim=PROJ_DIM,
-        hidden_dim=64,
-        temperature=0.2,
-        momentum=0.9,
-        queue_size=queue_size,
+    knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": queue_size, "base_momentum": 0.9}
+    cls = METHODS[name]
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    cfg = cls.Config(
+        proj_dim=PROJ_DIM, hidden_dim=64, **{k: v for k, v in knobs.items() if k in own}
     )
     backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=WIDTH), SIZE)
     return METHODS[name](backbone, feat_dim, cfg)
@@ -307,13 +307,13 @@ def test_hierarchy_level_mismatch_is_reported(batch, hierarchy) -> None:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_build_method_and_from_config(name: str) -> None:
-    cfg = ExperimentConfig(model=ModelConfig(width=WIDTH), method=MethodConfig(name=name))
+    cfg = ExperimentConfig(model=ModelConfig(width=WIDTH), method=METHODS[name].Config())
     method = build_method(cfg)
     assert isinstance(method, METHODS[name]) and method.feat_dim == FEAT_DIM
     assert len(HirlModel.from_config(cfg).heads) == len(cfg.hirl.num_clusters)
     off = ExperimentConfig(
         model=ModelConfig(width=WIDTH),
-        method=MethodConfig(name=name),
+        method=METHODS[name].Config(),
         hirl=HirlConfig(enabled=False),
     )
     assert len(HirlModel.from_config(off).heads) == 0

@@ -20,9 +20,9 @@ import yaml
 import hirl_ray
 from hirl_ray.config import ConfigError, load_config
 from hirl_ray.train.checkpoint import find_checkpoints
-from hirl_ray.tune.label_free import hierarchy_silhouette
-from hirl_ray.tune.sampling import DefineByRun, cluster_sizes, grid_points, sizes_from_params
-from hirl_ray.tune.space import parse_tune_spec
+from hirl_ray.eval.label_free import hierarchy_silhouette
+from hirl_ray.sweep.sampling import DefineByRun, cluster_sizes, grid_points, sizes_from_params
+from hirl_ray.sweep.space import parse_tune_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -103,7 +103,7 @@ def test_grid_covers_the_same_space_with_valid_points():
     ({"storage": {"url": "optuna.db"}}, "tune.storage.url"),
 ])
 def test_invalid_space_fails_naming_the_key_before_ray_starts(tmp_path, monkeypatch, change, key):
-    import hirl_ray.tune.search as search
+    import hirl_ray.sweep.search as search
 
     def no_ray(*a, **k):
         raise AssertionError("Ray must not start for an invalid space")
@@ -238,7 +238,7 @@ def test_sweep_interrupted_then_resumed_keeps_finished_trials_and_best_checkpoin
 
 
 def _check_report_and_dashboard(sweep: Path, env: dict) -> None:
-    from hirl_ray.tune.report import screenshot, write_report
+    from hirl_ray.sweep.report import screenshot, write_report
 
     index = write_report(sweep)
     page = index.read_text()

@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from hirl_ray.config import ConfigError, DataConfig
+from hirl_ray.config import DATASETS, ConfigError, DataConfig
 from hirl_ray.data.base import HierDataset, TensorHierDataset, ViewDataset, label_parents
 from hirl_ray.data.transforms import MEAN, STD, eval_transform, multi_view_transform
 
-DATASETS: tuple[str, ...] = ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits")
 SPLITS = ("train", "test")
 
 
@@ -50,15 +49,27 @@ def _digits(cfg: DataConfig, split: str) -> HierDataset:
     return digits_dataset(split, cfg.image_size, cfg.seed)
 
 
-_BUILDERS: dict[str, Callable[[DataConfig, str], HierDataset]] = {
-    "synthetic": _synthetic,
-    "imagefolder": _imagefolder,
-    "npz": _npz,
-    "cifar10": _cifar,
-    "cifar100": _cifar,
-    "digits": _digits,
-}
-assert tuple(_BUILDERS) == DATASETS
+def register_dataset(name: str, builder: Callable[[DataConfig, str], HierDataset],
+                     needs_root: bool = True) -> None:
+    """Make ``data.name: <name>`` build splits with ``builder(cfg, split)``.
+
+    ``needs_root``: the loader refuses the dataset without ``data.root``.
+    """
+
+    def build(cfg: DataConfig, split: str) -> HierDataset:
+        return builder(cfg, split)
+
+    build.needs_root = needs_root  # type: ignore[attr-defined]
+    build.__qualname__ = f"dataset:{name}"
+    DATASETS.register(name, build)
+
+
+register_dataset("synthetic", _synthetic, needs_root=False)
+register_dataset("imagefolder", _imagefolder)
+register_dataset("npz", _npz)
+register_dataset("cifar10", _cifar)
+register_dataset("cifar100", _cifar)
+register_dataset("digits", _digits, needs_root=False)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
@@ -73,9 +84,8 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if cfg.name not in _BUILDERS:
-        raise ConfigError(f"data.name must be one of {', '.join(DATASETS)}, got {cfg.name!r}")
-    if cfg.name not in ("synthetic", "digits") and not cfg.root:
+    builder = DATASETS.get(cfg.name)
+    if builder.needs_root and not cfg.root:
         raise ConfigError(
             f"data.root is required for data.name={cfg.name!r}; set it to the dataset's local path"
         )
@@ -83,7 +93,7 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
         from hirl_ray.data.s3 import localize
 
         cfg = dataclasses.replace(cfg, root=str(localize(cfg.root)))
-    return _BUILDERS[cfg.name](cfg, split)
+    return builder(cfg, split)
 
 
 def dataset_size(cfg: DataConfig, split: str) -> int:
@@ -111,6 +121,7 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
 
 __all__ = [
     "DATASETS",
+    "register_dataset",
     "dataset_size",
     "HierDataset",
     "TensorHierDataset",

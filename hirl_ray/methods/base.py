@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import MethodConfig
+from hirl_ray.config import METHODS, MethodConfig, check_positive
 
 #: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
 EMBEDDINGS = ("projection", "backbone")
@@ -35,6 +35,26 @@ class MethodOutput:
     projection: Tensor
 
 
+@dataclass(frozen=True)
+class ProjectorConfig(MethodConfig):
+    """Keys every method here shares: the projector MLP's output and hidden width."""
+
+    proj_dim: int = 128
+    hidden_dim: int = 512
+    shape_keys: ClassVar[tuple[str, ...]] = ("proj_dim", "hidden_dim")
+
+    def check(self, where: str) -> None:
+        check_positive(self, where, "proj_dim", "hidden_dim")
+
+
+def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:
+    """Class decorator: make ``method.name: <cls.name>`` build ``cls`` with ``cls.Config``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a name to be registered")
+    METHODS.register(cls.name, cls)
+    return cls
+
+
 class SSLMethod(nn.Module):
     """Base class: a backbone plus method-specific heads and loss.
 
@@ -49,9 +69,11 @@ class SSLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: The ``method:`` section's dataclass (registered with the class, see ``register_method``).
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
     num_views: ClassVar[int] = 2
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: Any) -> None:
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import MethodConfig
-from hirl_ray.methods.base import MethodOutput, SSLMethod, cosine_momentum, ema_update, frozen_copy
+from hirl_ray.config import check_fraction
+from hirl_ray.methods.base import (
+    MethodOutput,
+    ProjectorConfig,
+    SSLMethod,
+    cosine_momentum,
+    ema_update,
+    frozen_copy,
+    register_method,
+)
 from hirl_ray.models.heads import mlp
 
 
@@ -18,20 +27,34 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
 
 
+@dataclass(frozen=True)
+class BYOLConfig(ProjectorConfig):
+    """``method:`` keys of BYOL; ``base_momentum`` is τ_base of the target's cosine schedule."""
+
+    name: str = "byol"
+    base_momentum: float = 0.99
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        check_fraction(f"{where}.base_momentum", self.base_momentum)
+
+
+@register_method
 class BYOL(SSLMethod):
     """BYOL: online backbone + projector + predictor; target backbone + projector by EMA.
 
     The loss is symmetrised by summing both directions, L + L̃ (BYOL Sec. 3.1). The target
     decay follows the cosine schedule τ = 1 − (1 − τ_base)(cos(π·progress) + 1)/2 from
-    ``cfg.momentum`` to 1 (BYOL Sec. 3.2), applied in :meth:`update_target` after every
+    ``cfg.base_momentum`` to 1 (BYOL Sec. 3.2), applied in :meth:`update_target` after every
     optimiser step. No negatives, so nothing crosses workers; the target's parameters are
     identical on every rank because the online weights are (DDP) and the update is
     deterministic.
     """
 
     name: ClassVar[str] = "byol"
+    Config = BYOLConfig
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: BYOLConfig) -> None:
         super().__init__(backbone, feat_dim, cfg)
         self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
         self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim)
@@ -58,6 +81,6 @@ class BYOL(SSLMethod):
     @torch.no_grad()
     def update_target(self, progress: float) -> None:
         """EMA of the online network with BYOL's cosine-increasing decay."""
-        tau = cosine_momentum(self.cfg.momentum, progress)
+        tau = cosine_momentum(self.cfg.base_momentum, progress)
         ema_update(self.target_backbone, self.backbone, tau)
         ema_update(self.target_projector, self.projector, tau)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import MethodConfig
-from hirl_ray.methods.base import MethodOutput, SSLMethod, ema_update, frozen_copy
+from hirl_ray.config import check_fraction, check_positive
+from hirl_ray.methods.base import (
+    MethodOutput,
+    ProjectorConfig,
+    SSLMethod,
+    ema_update,
+    frozen_copy,
+    register_method,
+)
 from hirl_ray.methods.distributed import (
     gather_no_grad,
     has_sync_bn,
@@ -44,6 +52,23 @@ def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Te
     return F.cross_entropy(logits, labels)
 
 
+@dataclass(frozen=True)
+class MoCoV2Config(ProjectorConfig):
+    """``method:`` keys of MoCo v2: InfoNCE τ, the key encoder's constant momentum, queue size."""
+
+    name: str = "mocov2"
+    temperature: float = 0.2
+    momentum: float = 0.99
+    queue_size: int = 4096
+    shape_keys = ("proj_dim", "hidden_dim", "queue_size")
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        check_positive(self, where, "temperature", "queue_size")
+        check_fraction(f"{where}.momentum", self.momentum)
+
+
+@register_method
 class MoCoV2(SSLMethod):
     """MoCo v2: query encoder (backbone + MLP projector), EMA key encoder, queue, τ = 0.2.
 
@@ -63,8 +88,9 @@ class MoCoV2(SSLMethod):
     """
 
     name: ClassVar[str] = "mocov2"
+    Config = MoCoV2Config
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MoCoV2Config) -> None:
         super().__init__(backbone, feat_dim, cfg)
         self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
         self.key_backbone = frozen_copy(backbone)

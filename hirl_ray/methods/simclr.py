@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import MethodConfig
-from hirl_ray.methods.base import MethodOutput, SSLMethod
+from hirl_ray.config import check_positive
+from hirl_ray.methods.base import MethodOutput, ProjectorConfig, SSLMethod, register_method
 from hirl_ray.methods.distributed import gather, rank
 from hirl_ray.models.heads import mlp
 
@@ -48,6 +49,19 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, all_z1: Tensor | No
     return F.cross_entropy(logits, targets)
 
 
+@dataclass(frozen=True)
+class SimCLRConfig(ProjectorConfig):
+    """``method:`` keys of SimCLR; ``temperature`` is NT-Xent's τ."""
+
+    name: str = "simclr"
+    temperature: float = 0.2
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        check_positive(self, where, "temperature")
+
+
+@register_method
 class SimCLR(SSLMethod):
     """SimCLR: backbone → MLP projector → NT-Xent with negatives from every rank.
 
@@ -61,8 +75,9 @@ class SimCLR(SSLMethod):
     """
 
     name: ClassVar[str] = "simclr"
+    Config = SimCLRConfig
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: SimCLRConfig) -> None:
         super().__init__(backbone, feat_dim, cfg)
         self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim)
 

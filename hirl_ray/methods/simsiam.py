@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import MethodConfig
-from hirl_ray.methods.base import MethodOutput, SSLMethod
+from hirl_ray.methods.base import MethodOutput, ProjectorConfig, SSLMethod, register_method
 from hirl_ray.models.heads import mlp
 
 
@@ -18,6 +18,14 @@ def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
 
 
+@dataclass(frozen=True)
+class SimSiamConfig(ProjectorConfig):
+    """``method:`` keys of SimSiam (the predictor's hidden width is ``hidden_dim // 4``)."""
+
+    name: str = "simsiam"
+
+
+@register_method
 class SimSiam(SSLMethod):
     """SimSiam: 3-layer projector ending in BN, bottleneck predictor, symmetric loss.
 
@@ -27,8 +35,9 @@ class SimSiam(SSLMethod):
     """
 
     name: ClassVar[str] = "simsiam"
+    Config = SimSiamConfig
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: SimSiamConfig) -> None:
         super().__init__(backbone, feat_dim, cfg)
         self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim, num_layers=3, last_bn=True)
         self.predictor = mlp(cfg.proj_dim, max(1, cfg.hidden_dim // 4), cfg.proj_dim)

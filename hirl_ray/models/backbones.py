@@ -5,9 +5,7 @@ from __future__ import annotations
 import torchvision
 from torch import Tensor, nn
 
-from hirl_ray.config import ConfigError, ModelConfig
-
-BACKBONES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50")
+from hirl_ray.config import BACKBONES, ConfigError, ModelConfig
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
@@ -71,8 +69,23 @@ def _resnet(name: str, small_stem: bool) -> tuple[nn.Module, int]:
     return net, feat_dim
 
 
+def _small_cnn(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
+    net = SmallCNN(cfg.width, image_size)
+    return net, net.feat_dim
+
+
+def register_backbone(name: str, builder) -> None:
+    """Make ``model.backbone: <name>`` build ``builder(model_cfg, image_size) -> (module, dim)``."""
+    BACKBONES.register(name, builder)
+
+
+register_backbone("small_cnn", _small_cnn)
+for _name in ("resnet18", "resnet50"):
+    register_backbone(_name, lambda cfg, size, _n=_name: _resnet(_n, cfg.small_stem or size <= 64))
+
+
 def build_backbone(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
-    """Build the backbone named by ``cfg.backbone``.
+    """Build the backbone named by ``cfg.backbone`` (one of ``BACKBONES``).
 
     Args:
         cfg: Model section; ``small_stem`` (or ``image_size <= 64``) gives ResNets a 3×3/1
@@ -82,9 +95,4 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
     Returns:
         ``(module, feat_dim)``: the module maps ``(B, 3, H, W)`` to ``(B, feat_dim)``.
     """
-    if cfg.backbone == "small_cnn":
-        net = SmallCNN(cfg.width, image_size)
-        return net, net.feat_dim
-    if cfg.backbone in ("resnet18", "resnet50"):
-        return _resnet(cfg.backbone, cfg.small_stem or image_size <= 64)
-    raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {cfg.backbone!r}")
+    return BACKBONES.get(cfg.backbone)(cfg, image_size)

@@ -26,7 +26,7 @@ from hirl_ray.hierarchy.memory import (
 )
 from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
-from hirl_ray.train.evaluate import evaluate_checkpoint
+from hirl_ray.eval.checkpoint import evaluate_checkpoint
 from hirl_ray.train.ray_worker import train_worker
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config
-from hirl_ray.tune.space import LEVEL_METRICS, Choice, Range, TuneSpec
+from hirl_ray.sweep.space import LEVEL_METRICS, Choice, Range, TuneSpec
 
 
 def cluster_sizes(depth: int, level0: int, shrink: Sequence[float]) -> tuple[int, ...]:
@@ -23,7 +23,7 @@ def cluster_sizes(depth: int, level0: int, shrink: Sequence[float]) -> tuple[int
     ``K_l = round(r_l * K_{l-1})`` clamped to ``[depth - l + 1, K_{l-1} - 1]``: strictly
     decreasing (HIRL's levels cluster the centroids below, so ``K_l < K_{l-1}``) and with
     room for every remaining level to keep >= 2 clusters. Needs ``level0 >= depth + 1``,
-    which :func:`hirl_ray.tune.space.parse_tune_spec` guarantees for the whole space.
+    which :func:`hirl_ray.sweep.space.parse_tune_spec` guarantees for the whole space.
     """
     if level0 < depth + 1 and depth > 1:
         raise ValueError(f"level0={level0} leaves no room for {depth} decreasing levels")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
-from hirl_ray.tune.sampling import check_against, sizes_from_params
-from hirl_ray.tune.space import TuneSpec, parse_tune_spec
+from hirl_ray.sweep.sampling import check_against, sizes_from_params
+from hirl_ray.sweep.space import TuneSpec, parse_tune_spec
 
 SWEEP_FILE = "sweep.json"
 
@@ -80,7 +80,7 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
 
 def execute(plan: SweepPlan) -> dict[str, Any]:
     """Run or resume the sweep; the fields of :class:`hirl_ray.api.TuneResult`."""
-    from hirl_ray.tune.search import pareto_front, pick_best, results_table, run_sweep
+    from hirl_ray.sweep.search import pareto_front, pick_best, results_table, run_sweep
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resume:

@@ -23,9 +23,9 @@ from ray import tune
 
 from hirl_ray.config import ConfigError
 from hirl_ray.train.checkpoint import find_checkpoints, latest_checkpoint
-from hirl_ray.tune.sampling import DefineByRun, grid_points, sizes_from_params
-from hirl_ray.tune.space import TuneSpec
-from hirl_ray.tune.trial import FreeStoppedTrials, run_trial
+from hirl_ray.sweep.sampling import DefineByRun, grid_points, sizes_from_params
+from hirl_ray.sweep.space import TuneSpec
+from hirl_ray.sweep.trial import FreeStoppedTrials, run_trial
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"

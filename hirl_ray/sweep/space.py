@@ -7,7 +7,7 @@ imports Ray or Optuna, so a bad space fails before anything starts.
 
 Hierarchy shape (HIRL Sec. 3.1 needs ``K_0 > K_1 > ... > K_{L-1}``, ``K_0 <= N``): the space
 is *depth* ``L`` (integer range), the level-0 size ``K_0`` (log-uniform integer) and one shrink
-ratio ``r_l = K_l / K_{l-1}`` per level; :func:`hirl_ray.tune.sampling.cluster_sizes` turns any
+ratio ``r_l = K_l / K_{l-1}`` per level; :func:`hirl_ray.sweep.sampling.cluster_sizes` turns any
 sample into a valid, strictly decreasing list, so no sampled trial can be invalid.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hirl_ray.config import ConfigError
-from hirl_ray.tune.sweep import load_sweep
+from hirl_ray.sweep.sweep import load_sweep
 
 HOST = "127.0.0.1"
 
@@ -22,7 +22,7 @@ def serve_dashboard(sweep_dir: str | Path, port: int = 8080) -> None:
     except ImportError:
         raise ConfigError("optuna-dashboard is not installed; pip install optuna-dashboard "
                           "(it is in the test extra: pip install -e .[test])") from None
-    from hirl_ray.tune.search import optuna_storage, study_name
+    from hirl_ray.sweep.search import optuna_storage, study_name
 
     sweep_dir = Path(sweep_dir).resolve()
     _, spec, _ = load_sweep(sweep_dir)

@@ -19,7 +19,7 @@ from hirl_ray.data import ViewDataset, build_dataset, eval_transform  # noqa: E4
 from hirl_ray.eval.features import extract_features  # noqa: E402
 from hirl_ray.hierarchy import PrototypeHierarchy, latest_snapshot, load_hierarchy  # noqa: E402
 from hirl_ray.train.checkpoint import read_meta  # noqa: E402
-from hirl_ray.train.evaluate import load_cluster_encoder  # noqa: E402
+from hirl_ray.eval.checkpoint import load_cluster_encoder  # noqa: E402
 
 MAX_PROTOTYPES = 16  # per level row; the largest clusters are shown when there are more
 

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from hirl_ray.tune import plots
-from hirl_ray.tune.space import LABEL_FREE_METRIC, TuneSpec
-from hirl_ray.tune.sweep import load_sweep
-from hirl_ray.tune.tree import prototype_tree
+from hirl_ray.sweep import plots
+from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneSpec
+from hirl_ray.sweep.sweep import load_sweep
+from hirl_ray.sweep.tree import prototype_tree
 
 
 def _importance(sweep_dir: Path, spec: TuneSpec, table: pd.DataFrame,
@@ -33,7 +33,7 @@ def _importance(sweep_dir: Path, spec: TuneSpec, table: pd.DataFrame,
     try:
         import optuna
 
-        from hirl_ray.tune.search import optuna_storage, study_name
+        from hirl_ray.sweep.search import optuna_storage, study_name
 
         study = optuna.load_study(study_name=study_name(spec, sweep_dir),
                                   storage=optuna_storage(spec, sweep_dir))
@@ -68,7 +68,7 @@ table{border-collapse:collapse;font-size:.8em}td,th{border:1px solid #ccc;paddin
 
 def write_report(sweep_dir: str | Path) -> Path:
     """Write ``<sweep>/report/index.html`` and its PNGs; returns the HTML path."""
-    from hirl_ray.tune.search import pareto_front, pick_best, results_table
+    from hirl_ray.sweep.search import pareto_front, pick_best, results_table
 
     sweep_dir = Path(sweep_dir).resolve()
     cfg, spec, _ = load_sweep(sweep_dir)

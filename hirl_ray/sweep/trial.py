@@ -27,8 +27,8 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from hirl_ray.config import from_dict
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
-from hirl_ray.tune.sampling import fixed_overrides, trial_overrides
-from hirl_ray.tune.space import TuneSpec
+from hirl_ray.sweep.sampling import fixed_overrides, trial_overrides
+from hirl_ray.sweep.space import TuneSpec
 
 log = logging.getLogger(__name__)
 PG_FILE = "placement_group.txt"
@@ -60,7 +60,7 @@ def score_label_free(config: dict[str, Any], checkpoint: str, holder: Any = None
     """``label_free/silhouette`` of a checkpoint (the scorer is cached on ``holder``)."""
     import torch
 
-    from hirl_ray.tune.label_free import LabelFreeScorer
+    from hirl_ray.eval.label_free import LabelFreeScorer
 
     torch.set_num_threads(1)  # the Train controller reserves no CPU of its own
     scorer = getattr(holder, "_scorer", None)
