@@ -8,6 +8,7 @@ _logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
 # The built-in datasets, backbones and methods register themselves in hirl_ray.config's
 # registries when imported; do it here so any load_config() sees them.
 import hirl_ray.data  # noqa: E402, F401
+import hirl_ray.eval  # noqa: E402, F401
 import hirl_ray.methods  # noqa: E402, F401
 import hirl_ray.models  # noqa: E402, F401
 from hirl_ray.api import FitResult, TuneResult, fit, load_backbone, tune  # noqa: E402

@@ -22,6 +22,7 @@ gets ``train.batch_size / train.num_workers``. The learning rate is used as give
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
@@ -272,18 +275,58 @@ class TrainConfig:
                               f"{w} workers >= 2 samples")
 
 
+#: Built-in evaluation protocols, in the order they run (``hirl_ray/eval/``).
+DEFAULT_PROTOCOLS = ("knn", "clustering", "consistency")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation on frozen backbone features (defaults fixed; see README)."""
+    """Evaluation on frozen backbone features (defaults fixed; see README).
 
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    ``protocols``: names in ``PROTOCOLS``, run in order by the final evaluation.
+    ``params``: ``{protocol: settings}``, each parsed into that protocol's own ``Config``
+    dataclass (``eval.params.knn.k``); protocols not listed get their defaults, filled in here
+    so a saved config records every setting. ``every_epochs``: online evaluation period during
+    training (0 = only the final one); ``max_train_samples``: its kNN memory bank size (0 = all).
+    """
+
+    #: Keys of older configs (saved in checkpoints before protocols had settings) → new key.
+    moved_keys: typing.ClassVar[Mapping[str, str]] = {
+        "knn_k": "params.knn.k", "knn_temperature": "params.knn.temperature"}
+
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+    params: Mapping[str, Any] = field(default_factory=dict, metadata={"registry": PROTOCOLS})
     every_epochs: int = 0
     max_train_samples: int = 0
 
+    def __post_init__(self) -> None:
+        params = dict(self.params)
+        for name in self.protocols:
+            if name not in params and name in PROTOCOLS:
+                params[name] = PROTOCOLS.get(name).Config()
+        object.__setattr__(self, "protocols", tuple(self.protocols))
+        object.__setattr__(self, "params", params)
+
     def check(self, where: str) -> None:
-        check_positive(self, where, "knn_k", "knn_temperature")
         check_positive(self, where, "every_epochs", "max_train_samples", strict=False)
+        for name in self.protocols:
+            check_choice(f"{where}.protocols", name, PROTOCOLS.names())
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ConfigError(f"{where}.protocols lists a protocol twice: {list(self.protocols)}")
+        for name in self.params:
+            if name not in self.protocols:
+                raise ConfigError(f"{where}.params.{name} is set but {name!r} is not in "
+                                  f"{where}.protocols; add it there or drop the settings")
+
+    # Transitional: train/ray_worker.py still passes these to eval.report.evaluate; remove once
+    # it calls eval.report.run_evaluation(embed, cfg.eval, ...).
+    @property
+    def knn_k(self) -> int:
+        return self.params.get("knn", PROTOCOLS.get("knn").Config()).k
+
+    @property
+    def knn_temperature(self) -> float:
+        return self.params.get("knn", PROTOCOLS.get("knn").Config()).temperature
 
 
 @dataclass(frozen=True)
@@ -430,16 +473,63 @@ def build(where: str, cls: type, raw: Any) -> Any:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    raw = _move_keys(where, raw, getattr(cls, "moved_keys", {}))
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for k in raw:
-        if k not in known:
-            raise ConfigError(f"unknown key {where}.{k}; valid keys: {', '.join(sorted(known))}")
-    obj = cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in raw.items()})
+        if k not in fields:
+            raise ConfigError(f"unknown key {where}.{k}; valid keys: {', '.join(sorted(fields))}")
+    values = {}
+    for k, v in raw.items():
+        registry = fields[k].metadata.get("registry")
+        values[k] = (build_by_name(f"{where}.{k}", registry, v) if registry is not None
+                     else _coerce(f"{where}.{k}", v, hints[k]))
+    obj = cls(**values)
     check = getattr(obj, "check", None)
     if callable(check):
         check(where)
     return obj
+
+
+def _move_keys(where: str, raw: Mapping[str, Any], moved: Mapping[str, str]) -> Mapping[str, Any]:
+    """``raw`` with renamed keys (``old -> "a.b"``) at their new nested place, with a warning."""
+    if not any(k in raw for k in moved):
+        return raw
+    out = {k: v for k, v in raw.items() if k not in moved}
+    for old, new in moved.items():
+        if old not in raw:
+            continue
+        *parents, last = new.split(".")
+        node = out
+        for p in parents:
+            child = node.get(p)
+            if child is not None and not isinstance(child, Mapping):
+                raise ConfigError(f"{where}.{p} must be a mapping of keys, got {child!r}")
+            node[p] = node = dict(child or {})
+        if last in node:
+            raise ConfigError(f"{where}.{old} and {where}.{new} are both set; keep only {new}")
+        node[last] = raw[old]
+        log.warning("%s.%s is deprecated; use %s.%s", where, old, where, new)
+    return out
+
+
+def build_by_name(where: str, registry: Registry, raw: Any) -> dict[str, Any]:
+    """``{name: settings}`` with every name in ``registry``, each built into its ``Config``.
+
+    For a field declared ``field(metadata={"registry": R})`` (e.g. ``eval.params``): an entry
+    brings its own settings dataclass, so a new entry needs no edit here.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping of names to settings, got {raw!r}")
+    out = {}
+    for name, value in raw.items():
+        if name not in registry:
+            raise ConfigError(f"unknown key {where}.{name}; registered {registry.key}: "
+                              f"{', '.join(registry.names())}")
+        out[str(name)] = build(f"{where}.{name}", registry.get(name).Config, value)
+    return out
 
 
 def build_method_section(where: str, raw: Any) -> MethodConfig:

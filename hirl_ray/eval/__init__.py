@@ -1,19 +1,31 @@
-"""Evaluation on frozen features: extraction, weighted kNN, clustering metrics, report.
+"""Evaluation on frozen features: extraction, the protocols (one file each), the runner.
+
+Built-in protocols, registered on import: ``knn`` (:mod:`~hirl_ray.eval.knn`), ``clustering``
+(:mod:`~hirl_ray.eval.clustering`), ``consistency`` (:mod:`~hirl_ray.eval.consistency`). A new
+protocol is one file here: see :mod:`hirl_ray.eval.protocol`.
 
 Pure PyTorch / numpy / faiss / scikit-learn; nothing here imports ``ray``.
 """
 
-from hirl_ray.eval.clustering import (
-    cluster_accuracy,
-    clustering_scores,
-    hierarchy_consistency,
-    kmeans_labels,
-)
+# knn first: registration order is the order of level_metric_prefixes() (knn_acc, nmi, ...).
+from hirl_ray.eval import knn as _knn  # noqa: F401
+from hirl_ray.eval.clustering import cluster_accuracy, clustering_scores, kmeans_labels
+from hirl_ray.eval.consistency import hierarchy_consistency
 from hirl_ray.eval.features import dedup_by_index, eval_mode, extract_features
 from hirl_ray.eval.knn import knn_accuracy, knn_predict
-from hirl_ray.eval.report import evaluate
+from hirl_ray.eval.protocol import (
+    EvalInputs,
+    EvalProtocol,
+    level_metric_prefixes,
+    metric_prefixes,
+    register_protocol,
+    run_protocols,
+)
+from hirl_ray.eval.report import evaluate, run_evaluation
 
 __all__ = [
+    "EvalInputs",
+    "EvalProtocol",
     "cluster_accuracy",
     "clustering_scores",
     "dedup_by_index",
@@ -24,4 +36,9 @@ __all__ = [
     "kmeans_labels",
     "knn_accuracy",
     "knn_predict",
+    "level_metric_prefixes",
+    "metric_prefixes",
+    "register_protocol",
+    "run_evaluation",
+    "run_protocols",
 ]

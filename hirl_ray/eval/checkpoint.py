@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader
 from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
-from hirl_ray.eval.clustering import hierarchy_consistency
-from hirl_ray.eval.report import evaluate
+from hirl_ray.eval.report import run_evaluation
 from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy
 from hirl_ray.models import build_backbone
 from hirl_ray.train.checkpoint import META_FILE, latest_checkpoint, load_state, read_meta
@@ -76,20 +75,16 @@ def _loader(cfg: ExperimentConfig, split: str) -> tuple[DataLoader, np.ndarray, 
 
 def evaluate_checkpoint(checkpoint: str | Path, hierarchy_dir: str | Path | None = None,
                         device: str | torch.device = "cpu") -> dict[str, float]:
-    """kNN accuracy and clustering NMI/ARI/accuracy per label level, plus how well the
-    learned prototype tree matches the label tree (when both exist)."""
+    """The run's ``eval.protocols`` on the checkpoint's backbone (by default kNN accuracy and
+    clustering NMI/ARI/accuracy per label level, plus how well the learned prototype tree
+    matches the label tree when both exist)."""
     path = resolve_checkpoint(checkpoint)
     cfg = from_dict(read_meta(path).config)
     backbone, _ = load_backbone(path, device)
     train_loader, train_labels, names = _loader(cfg, "train")
     test_loader, test_labels, _ = _loader(cfg, "test")
-    metrics = evaluate(backbone, train_loader, test_loader, train_labels, test_labels, names,
-                       k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, device=device,
-                       seed=cfg.train.seed)
     snapshot = latest_snapshot(hierarchy_dir) if hierarchy_dir else None
-    if snapshot is not None and train_labels.shape[1] > 0:
-        h = load_hierarchy(snapshot)
-        consistency = hierarchy_consistency([p.numpy() for p in h.parents],
-                                            [a.numpy() for a in h.assignments], train_labels)
-        metrics.update({f"hierarchy/{k}": v for k, v in consistency.items()})
-    return metrics
+    hierarchy = load_hierarchy(snapshot) if snapshot is not None else None
+    return run_evaluation(backbone, cfg.eval, train_loader, test_loader, train_labels,
+                          test_labels, names, device=device, seed=cfg.train.seed,
+                          hierarchy=hierarchy)

@@ -1,15 +1,21 @@
-"""Clustering metrics: k-means on frozen features, NMI / ARI / Hungarian accuracy, and how
-well a learned prototype tree (HIRL, Sec. 3.1) matches a known label tree."""
+"""Clustering metrics: k-means on frozen features scored by NMI / ARI / Hungarian accuracy.
+
+The ``clustering`` protocol runs spherical k-means on the test features at every label level
+with ``k`` = number of classes at that level, as in the HIRL paper's clustering evaluation.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from hirl_ray.config import check_positive
+from hirl_ray.eval.protocol import EvalInputs, EvalProtocol, register_protocol
 
 log = logging.getLogger(__name__)
 
@@ -143,88 +149,32 @@ def kmeans_labels(
     return labels
 
 
-def _majority(clusters: np.ndarray, labels: np.ndarray) -> tuple[dict[int, int], float]:
-    """Majority label of every cluster, and purity = sum of majority counts / N."""
-    table = _contingency(labels, clusters)
-    cluster_ids, label_ids = np.unique(clusters), np.unique(labels)
-    best = table.argmax(axis=1)
-    mapping = {int(c): int(label_ids[b]) for c, b in zip(cluster_ids, best, strict=True)}
-    return mapping, float(table.max(axis=1).sum() / clusters.size)
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """``eval.params.clustering``: Lloyd iterations and restarts of :func:`kmeans_labels`."""
+
+    niter: int = 20
+    nredo: int = 3
+
+    def check(self, where: str) -> None:
+        check_positive(self, where, "niter", "nredo")
 
 
-def hierarchy_consistency(
-    parents: Sequence[np.ndarray], assignments: Sequence[np.ndarray], labels: np.ndarray
-) -> dict[str, float]:
-    """Agreement between a learned prototype tree and a known label tree.
+@register_protocol
+class ClusteringProtocol(EvalProtocol):
+    """``nmi/<level>``, ``ari/<level>``, ``acc/<level>``: k-means on the test features with
+    ``k`` = number of classes at the level (seeded with ``inputs.seed``)."""
 
-    Levels are finest-first on both sides. Learned level ``l`` has ``assignments[l]``
-    (``(N,)`` cluster of each sample) and, below the top, ``parents[l]`` (``(K_l,)`` index of
-    the parent prototype at level ``l + 1``; an extra top-level entry is ignored). Label
-    level ``j`` is ``labels[:, j]``; the true label tree is read off the labels (the parent
-    of fine class ``y`` is the majority coarse label of its samples, unique for a real tree).
+    name = "clustering"
+    Config = ClusteringConfig
+    level_metrics = ("nmi", "ari", "acc")
 
-    Metrics:
-
-    * ``purity/l{l}_vs_y{j}``: for every pair of levels, the fraction of samples whose
-      label at level ``j`` equals the majority label of their level-``l`` cluster.
-    * ``path_consistency``: learned level ``l`` is aligned with label level ``l`` for the
-      first ``M = min(#learned, #label)`` levels. Each sample's prototype path is chained
-      from its finest cluster through ``parents`` (as HIRL's semantic paths are, Sec. 3.2),
-      each cluster on it is replaced by its majority label at the aligned level, and the
-      sample counts if that label path follows the true tree (each label's true parent is
-      the next label). With ``M = 1`` every path is trivially consistent.
-    * ``path_accuracy``: fraction of samples whose mapped label path equals their own true
-      label path over the ``M`` aligned levels (stricter than consistency).
-
-    Args:
-        parents: Parent maps of the learned tree; numpy arrays or torch tensors.
-        assignments: Per-level cluster assignments of the same ``N`` samples.
-        labels: ``(N, L)`` integer labels, column 0 finest.
-
-    Returns:
-        Flat ``{metric: value}`` dict, all values in ``[0, 1]``; ``{}`` if ``L == 0``.
-    """
-    y = _np(labels)
-    y = y.reshape(-1, 1) if y.ndim == 1 else y
-    assign = [_np(a).reshape(-1).astype(np.int64) for a in assignments]
-    par = [_np(p).reshape(-1).astype(np.int64) for p in parents]
-    if y.shape[1] == 0 or not assign:
-        return {}
-    n = y.shape[0]
-    if any(a.size != n for a in assign) or len(par) < len(assign) - 1:
-        raise ValueError(
-            f"hierarchy_consistency: need {len(assign)} assignment arrays of length N={n} "
-            f"and >= {len(assign) - 1} parent maps, got lengths {[a.size for a in assign]} "
-            f"and {len(par)} parent maps"
-        )
-    out: dict[str, float] = {}
-    majority: list[dict[int, int]] = []
-    for lvl, a in enumerate(assign):
-        for j in range(y.shape[1]):
-            mapping, purity = _majority(a, y[:, j])
-            out[f"purity/l{lvl}_vs_y{j}"] = purity
-            if j == lvl:
-                majority.append(mapping)
-    m = len(majority)  # = min(#learned levels, #label levels)
-
-    # Chained prototype path, starting from the finest assignment.
-    path = [assign[0]]
-    for lvl in range(m - 1):
-        if path[-1].max() >= par[lvl].size:
-            raise ValueError(
-                f"hierarchy_consistency: assignments reach cluster {path[-1].max()} at level "
-                f"{lvl} but parents[{lvl}] has only {par[lvl].size} entries"
-            )
-        path.append(par[lvl][path[-1]])
-    # Clusters reached by chaining but holding no sample at that level map to label -1.
-    mapped = [np.array([majority[i].get(int(c), -1) for c in p]) for i, p in enumerate(path)]
-
-    consistent = np.ones(n, dtype=bool)
-    for j in range(m - 1):
-        true_parent, _ = _majority(y[:, j], y[:, j + 1])  # fine label -> coarse label
-        parent_of = np.array([true_parent.get(int(c), -2) for c in mapped[j]])
-        consistent &= parent_of == mapped[j + 1]
-    exact = np.all(np.stack(mapped, axis=1) == y[:, :m], axis=1)
-    out["path_consistency"] = float(consistent.mean())
-    out["path_accuracy"] = float(exact.mean())
-    return out
+    def run(self, inputs: EvalInputs) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for lv in inputs.levels():
+            pred = kmeans_labels(lv.test_x.numpy(), k=np.unique(lv.test_y).size,
+                                 seed=inputs.seed, niter=self.config.niter,
+                                 nredo=self.config.nredo)
+            for key, value in clustering_scores(lv.test_y, pred).items():
+                metrics[f"{key}/{lv.name}"] = value
+        return metrics

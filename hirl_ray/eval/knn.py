@@ -4,15 +4,21 @@ The classifier of InstDisc (Wu et al., CVPR 2018, Sec. 3.4) as used by DINO
 (``eval_knn.py``): cosine similarity on L2-normalised features, the ``k`` most similar
 training samples vote for their label with weight ``exp(sim / T)``. The defaults ``k = 20``,
 ``T = 0.07`` are fixed and documented because a silently changed temperature default broke
-reproduction elsewhere (lightly #1824); they match :class:`hirl_ray.config.EvalConfig`.
+reproduction elsewhere (lightly #1824); the ``knn`` protocol's :class:`KnnConfig` (keys
+``eval.params.knn.k`` / ``.temperature``) has the same defaults.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hirl_ray.config import check_positive
+from hirl_ray.eval.protocol import EvalInputs, EvalProtocol, register_protocol
 
 
 def _as_tensor(x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -101,3 +107,29 @@ def knn_accuracy(
             f"knn_accuracy: {pred.numel()} test feature rows but {y.numel()} test labels"
         )
     return float((pred == y).double().mean())
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """``eval.params.knn``: neighbours ``k`` and vote temperature ``T`` (fixed defaults)."""
+
+    k: int = 20
+    temperature: float = 0.07
+
+    def check(self, where: str) -> None:
+        check_positive(self, where, "k", "temperature")
+
+
+@register_protocol
+class KnnProtocol(EvalProtocol):
+    """``knn_acc/<level>``: weighted kNN from train to test features at every label level."""
+
+    name = "knn"
+    Config = KnnConfig
+    level_metrics = ("knn_acc",)
+
+    def run(self, inputs: EvalInputs) -> dict[str, float]:
+        cfg = self.config
+        return {f"knn_acc/{lv.name}": knn_accuracy(lv.train_x, lv.train_y, lv.test_x, lv.test_y,
+                                                   k=cfg.k, temperature=cfg.temperature)
+                for lv in inputs.levels()}

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
+from hirl_ray.eval.checkpoint import load_backbone
 from hirl_ray.eval.clustering import kmeans_labels
 from hirl_ray.eval.features import extract_features
-from hirl_ray.eval.checkpoint import load_backbone
 
 #: Held-out images scored at most (a seeded subset beyond this keeps the metric cheap).
 MAX_SAMPLES = 2000
