@@ -1,6 +1,9 @@
-"""Tests for hirl_ray.eval: features, weighted kNN, clustering metrics, hierarchy, report."""
+"""Tests for hirl_ray.eval: features, weighted kNN, clustering metrics, hierarchy, report,
+the protocol runner and the ``eval:`` section."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hirl_ray.config import ConfigError
+from hirl_ray.config import PROTOCOLS, ConfigError, load_config
 from hirl_ray.eval import (
+    EvalInputs,
     cluster_accuracy,
     clustering_scores,
     dedup_by_index,
@@ -21,7 +25,12 @@ from hirl_ray.eval import (
     kmeans_labels,
     knn_accuracy,
     knn_predict,
+    level_metric_prefixes,
+    metric_prefixes,
+    run_evaluation,
+    run_protocols,
 )
+from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
 
 torch.set_num_threads(1)
 
@@ -232,6 +241,12 @@ def test_hierarchy_consistency_shuffled_tree_is_lower():
 # ---------------------------------------------------------------- report
 
 
+class Exploding:
+    def __iter__(self):
+        raise AssertionError("the loader must not be read")
+
+
+
 def fake_hierarchical_images(n_per: int, seed: int):
     """4 fine classes in 2 super-classes; fine centres sit near their super-class centre."""
     rng = np.random.default_rng(seed)
@@ -265,13 +280,142 @@ def test_evaluate_end_to_end_two_levels():
 
 
 def test_evaluate_unlabeled_and_mismatched_levels():
-    class Exploding:
-        def __iter__(self):
-            raise AssertionError("loader must not be read for unlabeled data")
-
     empty = np.zeros((5, 0), dtype=np.int64)
     assert evaluate(lambda b: b, Exploding(), Exploding(), empty, empty, []) == {}
     assert evaluate(lambda b: b, Exploding(), Exploding(), empty, empty, ["fine"]) == {}
     y = np.zeros((5, 2), dtype=np.int64)
     with pytest.raises(ConfigError, match="level_names"):
         evaluate(lambda b: b, Exploding(), Exploding(), y, y, ["fine"])
+
+
+# ---------------------------------------------------------------- protocols
+
+
+class CountingLoader:
+    """A loader over (image, index) batches that counts how often it is iterated."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 16):
+        self.loader = DataLoader(IndexedImages(images), batch_size=batch_size, shuffle=True,
+                                 generator=torch.Generator().manual_seed(0))
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+
+def test_default_protocols_give_todays_figures_and_extract_features_once():
+    x_tr, y_tr = fake_hierarchical_images(20, seed=6)
+    x_te, y_te = fake_hierarchical_images(10, seed=7)
+    y_tr[:5, 0] = -1  # unlabeled at the fine level: left out of that level only
+    train, test = CountingLoader(x_tr), CountingLoader(x_te)
+    embed = nn.Flatten()
+    cfg = load_config(None, {"eval.params.knn.k": 7}).eval
+    out = run_evaluation(embed, cfg, train, test, y_tr, y_te, ["fine", "coarse"], seed=3)
+    assert train.passes == 1 and test.passes == 1  # shared by knn and clustering
+    # The same figures computed directly from the building blocks, as evaluate() did before
+    # protocols existed.
+    f_tr = torch.nn.functional.normalize(x_tr.flatten(1), dim=1)
+    f_te = torch.nn.functional.normalize(x_te.flatten(1), dim=1)
+    expected = {}
+    for j, name in enumerate(["fine", "coarse"]):
+        keep = y_tr[:, j] >= 0
+        expected[f"knn_acc/{name}"] = knn_accuracy(f_tr[torch.from_numpy(keep)], y_tr[keep, j],
+                                                   f_te, y_te[:, j], k=7, temperature=0.07)
+        pred = kmeans_labels(f_te.numpy(), k=np.unique(y_te[:, j]).size, seed=3)
+        expected.update({f"{m}/{name}": v for m, v in clustering_scores(y_te[:, j], pred).items()})
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, abs=1e-9), key
+    # The old fixed-protocol entry point gives the same keys and values.
+    old = evaluate(embed, train, test, y_tr, y_te, ["fine", "coarse"], k=7, seed=3)
+    assert old == pytest.approx(out, abs=1e-9)
+
+
+def perfect_hierarchy() -> PrototypeHierarchy:
+    fine = torch.tensor(LABELS[:, 0])
+    parents = torch.tensor([0, 0, 0, 1, 1, 1])
+    return PrototypeHierarchy(
+        version=1, centroids=(torch.eye(6), torch.eye(6)[:2]), parents=(parents,),
+        assignments=(fine, parents[fine]), densities=(torch.ones(6), torch.ones(2)))
+
+
+def test_consistency_protocol_scores_the_hierarchy_without_features():
+    h = perfect_hierarchy()
+    inputs = EvalInputs(LABELS, LABELS, ("fine", "coarse"), hierarchy=h)
+    out = run_protocols(["consistency"], inputs)  # no feature source: must not need one
+    direct = hierarchy_consistency(h.parents, h.assignments, LABELS)
+    assert out == {f"hierarchy/{k}": v for k, v in direct.items()}
+    assert out["hierarchy/path_accuracy"] == 1.0
+    cfg = load_config(None, {"eval.protocols": ["consistency"]}).eval
+    got = run_evaluation(lambda b: b, cfg, Exploding(), Exploding(), LABELS, LABELS,
+                         ["fine", "coarse"], hierarchy=h)
+    assert got == out
+    # Without a hierarchy, or without labels, it reports nothing.
+    assert run_protocols(["consistency"], EvalInputs(LABELS, LABELS, ("fine", "coarse"))) == {}
+    empty = LABELS[:, :0]
+    assert run_protocols(["consistency"], EvalInputs(empty, empty, (), hierarchy=h)) == {}
+
+
+def test_run_protocols_refuses_two_protocols_writing_one_key():
+    inputs = EvalInputs(LABELS, LABELS, ("fine", "coarse"), hierarchy=perfect_hierarchy())
+    with pytest.raises(ValueError, match="'consistency' writes 'hierarchy/.*an earlier protocol"):
+        run_protocols(["consistency", "consistency"], inputs)
+
+
+def test_metric_prefixes_come_from_the_protocols():
+    assert level_metric_prefixes() == ("knn_acc", "nmi", "ari", "acc")
+    assert level_metric_prefixes(["clustering"]) == ("nmi", "ari", "acc")
+    assert level_metric_prefixes(["consistency"]) == ()
+    assert metric_prefixes(["knn", "consistency"]) == ("knn_acc", "hierarchy")
+    with pytest.raises(ConfigError, match="eval.protocols must be one of"):
+        level_metric_prefixes(["nope"])
+
+
+def test_protocol_subset_only_runs_those():
+    x, y = fake_hierarchical_images(10, seed=8)
+    cfg = load_config(None, {"eval.protocols": ["knn"]}).eval
+    out = run_evaluation(nn.Flatten(), cfg, CountingLoader(x), CountingLoader(x), y, y,
+                         ["fine", "coarse"])
+    assert set(out) == {"knn_acc/fine", "knn_acc/coarse"}
+
+
+# ---------------------------------------------------------------- the eval: section
+
+
+def test_eval_section_defaults_and_protocol_params():
+    cfg = load_config(None).eval
+    assert cfg.protocols == ("knn", "clustering", "consistency")
+    assert cfg.params["knn"].k == 20 and cfg.params["knn"].temperature == 0.07
+    assert cfg.params["clustering"].nredo == 3
+    cfg = load_config(None, {"eval.params.knn.k": 5, "eval.protocols": ["knn"]}).eval
+    assert cfg.params["knn"].k == 5 and set(cfg.params) == {"knn"}
+    saved = load_config(None, {"eval.params.knn.temperature": 0.2}).to_dict()
+    assert saved["eval"]["params"]["knn"] == {"k": 20, "temperature": 0.2}
+    assert load_config(saved) == load_config(None, {"eval.params.knn.temperature": 0.2})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval.protocols": ["knn", "linear"]}, "eval.protocols must be one of .*got 'linear'"),
+    ({"eval.protocols": ["knn", "knn"]}, "eval.protocols lists a protocol twice"),
+    ({"eval.params.knn.kk": 3}, "unknown key eval.params.knn.kk; valid keys: k, temperature"),
+    ({"eval.params.knn.k": 0}, "eval.params.knn.k must be > 0, got 0"),
+    ({"eval.params.knn.k": "many"}, "eval.params.knn.k must be an integer"),
+    ({"eval.params.linear": {}}, "unknown key eval.params.linear; registered eval.protocols"),
+    ({"eval.params.consistency.x": 1}, "unknown key eval.params.consistency.x"),
+    ({"eval.protocols": ["clustering"], "eval.params.knn.k": 3},
+     "eval.params.knn is set but 'knn' is not in eval.protocols"),
+    ({"eval.knn_k": 3, "eval.params.knn.k": 4}, "eval.knn_k and eval.params.knn.k are both set"),
+])
+def test_eval_section_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_old_knn_keys_move_to_the_knn_protocol(caplog):
+    with caplog.at_level(logging.WARNING, logger="hirl_ray"):
+        cfg = load_config(None, {"eval.knn_k": 7, "eval.knn_temperature": 0.5}).eval
+    assert cfg.params["knn"].k == 7 and cfg.params["knn"].temperature == 0.5
+    assert cfg.knn_k == 7 and cfg.knn_temperature == 0.5  # read by the Ray worker for now
+    assert "eval.knn_k is deprecated; use eval.params.knn.k" in caplog.text
+    assert "knn" in PROTOCOLS
