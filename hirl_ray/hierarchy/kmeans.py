@@ -204,7 +204,8 @@ def _l2_normalise(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     for rows in _row_chunks(*x.shape):
-        # fp16 is fine for shipping features (FIELD_NOTES), but faiss clusters in float32.
+        # Shards may arrive as fp16 (half the object-store traffic; precise enough as k-means
+        # input), but faiss clusters in float32.
         chunk = np.asarray(x[rows], dtype=np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
         np.divide(chunk, np.maximum(norms, 1e-12)[:, None], out=out[rows])
