@@ -34,6 +34,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
 
