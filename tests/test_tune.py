@@ -19,10 +19,10 @@ import yaml
 
 import hirl_ray
 from hirl_ray.config import ConfigError, load_config
-from hirl_ray.train.checkpoint import find_checkpoints
 from hirl_ray.eval.label_free import hierarchy_silhouette
 from hirl_ray.sweep.sampling import DefineByRun, cluster_sizes, grid_points, sizes_from_params
 from hirl_ray.sweep.space import parse_tune_spec
+from hirl_ray.train.checkpoint import find_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
