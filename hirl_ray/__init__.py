@@ -11,6 +11,9 @@ import hirl_ray.data  # noqa: E402, F401
 import hirl_ray.eval  # noqa: E402, F401
 import hirl_ray.methods  # noqa: E402, F401
 import hirl_ray.models  # noqa: E402, F401
+
+# The tune: section's dataclasses (no Ray, no Optuna) register with hirl_ray.config.
+import hirl_ray.sweep.space  # noqa: E402, F401
 from hirl_ray.api import FitResult, TuneResult, fit, load_backbone, tune  # noqa: E402
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 

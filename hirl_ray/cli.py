@@ -7,6 +7,8 @@ import json
 import sys
 
 from hirl_ray.config import ConfigError
+from hirl_ray.logs import console
+from hirl_ray.runs import LAYOUT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="experiment YAML (default: the embedded default experiment)")
     fit.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
     ev = sub.add_parser("eval", help="evaluate a checkpoint or run folder (kNN, NMI per level)")
-    ev.add_argument("checkpoint", help="a run folder or one of its train/epoch_* folders")
+    ev.add_argument("checkpoint",
+                    help=f"a run folder or one of its {LAYOUT.train}/epoch_* folders")
     ev.add_argument("--device", default="cpu")
     tu = sub.add_parser("tune", help="search hierarchy depth/cluster sizes (Optuna + ASHA)")
     tu.add_argument("config", help="experiment YAML with a tune: section (or, with --resume, "
@@ -25,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("overrides", nargs="*", help="section.key=value, e.g. tune.num_trials=4")
     tu.add_argument("--resume", action="store_true",
                     help="continue an interrupted sweep; finished trials are not rerun")
-    rp = sub.add_parser("report", help="write <sweep>/report/index.html and PNGs")
+    rp = sub.add_parser("report", help=f"write <sweep>/{LAYOUT.report}/index.html and PNGs")
     rp.add_argument("sweep_dir", help="a sweep folder (storage.path/storage.name)")
     rp.add_argument("--screenshot", action="store_true",
                     help="also render report/screenshot.png in headless Chromium")
@@ -48,7 +51,8 @@ def _tune_main(args: argparse.Namespace) -> int:
         print(table[cols].to_string(index=False))
         print(f"\nBest configuration  {result.best_config}")
         print(f"Best checkpoint     {result.best_checkpoint}")
-        print(f"Sweep folder        {result.sweep_dir}  (results.csv, optuna.db, tune/)")
+        print(f"Sweep folder        {result.sweep_dir}  ({LAYOUT.results}, {LAYOUT.optuna_db}, "
+              f"{LAYOUT.tune}/)")
         print(f"Report              hirl-ray report {result.sweep_dir}")
         if result.interrupted:
             print(f"Interrupted: continue with  hirl-ray tune --resume {result.sweep_dir}")
@@ -71,6 +75,7 @@ def _tune_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hirl-ray`` console script."""
     args = _parser().parse_args(argv)
+    console()
     try:
         if args.command == "fit":
             from hirl_ray.api import fit, format_metrics
@@ -85,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nResults in        {result.run_dir}")
             print(f"Final checkpoint  {result.checkpoint_path}")
             print(f"Hierarchy         {result.hierarchy_path}")
-            print(f"Metrics JSON      {result.run_dir}/metrics.json")
+            print(f"Metrics JSON      {LAYOUT.metrics_file(result.run_dir)}")
         elif args.command in ("tune", "report", "dashboard"):
             return _tune_main(args)
         elif args.command == "eval":
-            from hirl_ray import storage
             from hirl_ray.eval.checkpoint import evaluate_checkpoint, resolve_checkpoint
 
             path = resolve_checkpoint(args.checkpoint)
-            run_dir = path.rstrip("/").rsplit("/", 2)[0]  # <run>/train/epoch_NNNN
-            metrics = evaluate_checkpoint(path, storage.join(run_dir, "hierarchy"), args.device)
+            run_dir = LAYOUT.run_of_checkpoint(path)
+            hierarchy = LAYOUT.hierarchy_dir(run_dir) if run_dir else None
+            metrics = evaluate_checkpoint(path, hierarchy, args.device)
             print(json.dumps(metrics, indent=2))
     except (ConfigError, FileNotFoundError) as e:
         print(f"hirl-ray: error: {e}", file=sys.stderr)

@@ -1,7 +1,10 @@
-"""Results storage on a local folder or ``s3://bucket/prefix`` (pyarrow filesystems).
+"""Results storage on a local folder or a remote URI such as ``s3://bucket/prefix`` (pyarrow).
 
 Ray Train writes its checkpoints through the same pyarrow filesystem layer, so one
-``storage.path`` serves checkpoints, hierarchy snapshots, configs and metrics.
+``storage.path`` serves checkpoints, hierarchy snapshots, configs and metrics. Any
+``scheme://`` URI except ``file://`` is remote and opened by ``pyarrow.fs.FileSystem.from_uri``
+(s3, gs/gcs, hdfs/viewfs, abfs/abfss; tested on S3); :func:`is_remote` is the one test of
+local vs remote the rest of the package uses.
 Credentials come from the standard AWS chain only (environment, shared files,
 instance profile); ``AWS_ENDPOINT_URL`` points at another S3 endpoint (tests use moto).
 Nothing here logs or stores credentials.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,9 +31,33 @@ import pyarrow.fs as pafs
 T = TypeVar("T")
 
 
+# Two or more characters, so that a Windows drive ("C://x") is not a scheme.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+#: Schemes that name this machine's filesystem.
+LOCAL_SCHEMES = ("file",)
+#: Remote schemes pyarrow opens (given its optional components: GCS, HDFS's libhdfs, Azure).
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+def scheme(uri: str | Path) -> str | None:
+    """``"s3"`` for ``s3://b/k``, ``"file"`` for ``file:///x``, ``None`` for a plain path."""
+    match = _SCHEME.match(str(uri))
+    return match.group(1).lower() if match else None
+
+
 def is_remote(uri: str | Path) -> bool:
-    """True for ``scheme://`` URIs (s3, gs, …), False for local paths."""
-    return "://" in str(uri)
+    """True for remote URIs (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``, …); False for
+    local paths and ``file://`` URIs."""
+    s = scheme(uri)
+    return s is not None and s not in LOCAL_SCHEMES
+
+
+def _local_path(uri: str | Path) -> Path:
+    """A local path or ``file://`` URI as a user-expanded :class:`Path`."""
+    text = str(uri)
+    if scheme(text) in LOCAL_SCHEMES:
+        text = text[text.index("://") + 3:]
+    return Path(text).expanduser()
 
 
 def join(uri: str | Path, *parts: str) -> str:
@@ -42,13 +70,13 @@ def join(uri: str | Path, *parts: str) -> str:
 
 def resolve(uri: str | Path) -> str:
     """Absolute local path (user-expanded) or the URI unchanged."""
-    return str(uri) if is_remote(uri) else str(Path(uri).expanduser().resolve())
+    return str(uri) if is_remote(uri) else str(_local_path(uri).resolve())
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_remote(uri):
         return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), str(_local_path(uri).resolve())
 
 
 def retry(fn: Callable[[], T], attempts: int = 5, base_delay_s: float = 0.5) -> T:
@@ -86,7 +114,7 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic write: tmp file + rename locally, single upload on object stores."""
     if not is_remote(uri):
-        path = Path(uri).expanduser()
+        path = _local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         # A unique temporary name: concurrent writers of one path never share a temp file.
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -144,7 +172,7 @@ def download_dir(uri: str, local: str | Path) -> Path:
 def local_dir(uri: str) -> Iterator[Path]:
     """A local folder with ``uri``'s content: the folder itself if local, else a temp copy."""
     if not is_remote(uri):
-        yield Path(uri).expanduser()
+        yield _local_path(uri)
         return
     tmp = Path(tempfile.mkdtemp(prefix="hirl_ray_"))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -13,6 +14,14 @@ torch.set_num_threads(1)
 
 
 S3_SECRET = "hirlTestSecretKey0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _hirl_ray_records_reach_caplog():
+    """``hirl_ray.fit``/``tune`` call ``logs.console()``, which stops the ``hirl_ray`` logger
+    propagating (no doubled lines in applications); a later test's ``caplog`` (a handler on
+    the root logger) must still see its records."""
+    logging.getLogger("hirl_ray").propagate = True
 
 
 @pytest.fixture(scope="session")

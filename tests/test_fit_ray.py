@@ -18,6 +18,7 @@ from .conftest import tiny_config
 @pytest.mark.usefixtures("ray_session")
 def test_two_worker_fit_then_resume_continues_epoch_and_hierarchy(tmp_path):
     result = hirl_ray.fit(None, tiny_config(tmp_path))
+    assert isinstance(result, hirl_ray.FitResult)  # the one result type (hirl_ray.runs)
     run = Path(result.run_dir)
     first = find_checkpoints(run)
     assert [read_meta(p).epoch for p in first] == [1, 2, 3]

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hirl_ray.api import _feature_dim
 from hirl_ray.config import load_config
 from hirl_ray.methods import METHODS, HirlModel
+from hirl_ray.runs import feature_dim
 from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
 from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, make_method
 
@@ -89,7 +89,7 @@ def test_config_chooses_heads_and_the_clustered_width(embedding, dim) -> None:
     model = HirlModel.from_config(cfg)
     assert model.embedding == embedding and model.neg_average == "per_sample"
     assert all(h[0].in_features == dim for h in model.heads)
-    assert _feature_dim(cfg) == dim  # what api's memory estimate uses
+    assert feature_dim(cfg) == dim  # what the rebuild memory estimate uses
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

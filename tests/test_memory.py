@@ -3,6 +3,7 @@ hours; and it follows the one-matrix rebuild path."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -65,7 +66,7 @@ def test_describe_lists_every_part():
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, capsys):
+def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, caplog):
     from hirl_ray.hierarchy.actor import ActorSettings, start_actor
     from hirl_ray.train.ray_fit import check_actor_node_memory
 
@@ -76,12 +77,15 @@ def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, capsys):
         total = node_memory_bytes()
         assert total is not None
         small = RebuildMemory(matrix=1, shard=0, per_point=0, centroids=0)
-        check_actor_node_memory(actor, small, timeout_s=60)
-        assert "warning" not in capsys.readouterr().out
+        with caplog.at_level(logging.WARNING, logger="hirl_ray"):
+            check_actor_node_memory(actor, small, timeout_s=60)
+        assert not caplog.records
         tight = RebuildMemory(matrix=int(0.9 * total), shard=0, per_point=0, centroids=0)
-        check_actor_node_memory(actor, tight, timeout_s=60)
-        out = capsys.readouterr().out
-        assert "warning" in out and "prototype actor's node, node " in out
+        with caplog.at_level(logging.WARNING, logger="hirl_ray"):
+            check_actor_node_memory(actor, tight, timeout_s=60)
+        [record] = caplog.records
+        assert record.levelno == logging.WARNING
+        assert "prototype actor's node, node " in record.getMessage()
         with pytest.raises(ConfigError, match="prototype actor's node"):
             check_actor_node_memory(
                 actor, RebuildMemory(matrix=2 * total, shard=0, per_point=0, centroids=0)
@@ -90,25 +94,29 @@ def test_actor_node_check_names_the_actors_node(ray_session, tmp_path, capsys):
         ray.kill(actor)
 
 
-def test_preflight_checks_this_machine_only_for_a_local_ray(tmp_path, monkeypatch, capsys):
-    from hirl_ray import api
+def test_preflight_checks_this_machine_only_for_a_local_ray(tmp_path, monkeypatch, caplog):
+    from hirl_ray import runs
     from hirl_ray.config import load_config
 
     from .conftest import tiny_config
 
     cfg = load_config(None, tiny_config(tmp_path))
-    need = api.rebuild_memory(cfg, 100)
-    assert need.matrix == 100 * api._feature_dim(cfg) * 4
+    need = runs.rebuild_memory(cfg, 100)
+    assert need.matrix == 100 * runs.feature_dim(cfg) * 4
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    n = api._check_data(cfg)
-    need = api.rebuild_memory(cfg, n)
-    monkeypatch.setattr(api, "node_memory_bytes", lambda: int(need.total / 0.8))
-    api._check_data(cfg)
-    assert "this machine (local Ray)" in capsys.readouterr().err
-    monkeypatch.setattr(api, "node_memory_bytes", lambda: need.total // 2)
+    n = runs.check_data(cfg)
+    need = runs.rebuild_memory(cfg, n)
+    monkeypatch.setattr(runs, "node_memory_bytes", lambda: int(need.total / 0.8))
+    with caplog.at_level(logging.WARNING, logger="hirl_ray"):
+        runs.check_data(cfg)
+    assert [r.name for r in caplog.records] == ["hirl_ray.runs"]
+    assert "this machine (local Ray)" in caplog.records[0].getMessage()
+    monkeypatch.setattr(runs, "node_memory_bytes", lambda: need.total // 2)
     with pytest.raises(ConfigError, match="this machine"):
-        api._check_data(cfg)
+        runs.check_data(cfg)
     # Joining a cluster the actor's node is unknown here: train_on_ray checks it there.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    api._check_data(cfg)
-    assert "this machine" not in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hirl_ray"):
+        runs.check_data(cfg)
+    assert not caplog.records

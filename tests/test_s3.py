@@ -117,7 +117,7 @@ def test_missing_s3_dataset_prefix_is_one_clear_error(bucket, tmp_path, monkeypa
 
 def test_driver_counts_an_s3_image_folder_without_downloading_it(bucket, tmp_path, monkeypatch):
     from hirl_ray.config import load_config
-    from hirl_ray.data import build_dataset, dataset_size
+    from hirl_ray.data import build_dataset, dataset_level_names, dataset_size
 
     monkeypatch.setenv("HIRL_RAY_CACHE", str(tmp_path / "cache"))
     s3 = boto3.client("s3")
@@ -134,6 +134,8 @@ def test_driver_counts_an_s3_image_folder_without_downloading_it(bucket, tmp_pat
     cfg = load_config(None, {"data.name": "imagefolder",
                              "data.root": f"s3://{bucket}/datasets/count"}).data
     assert dataset_size(cfg, "train") == 3 and dataset_size(cfg, "test") == 2
+    levels = dataset_level_names(cfg)  # what a sweep's driver checks tune.metric against
     assert not (tmp_path / "cache").exists()  # listed, nothing downloaded
-    # The same number the workers get from their downloaded copy.
-    assert len(build_dataset(cfg, "train")) == 3
+    # The same number and label levels the workers get from their downloaded copy.
+    train = build_dataset(cfg, "train")
+    assert len(train) == 3 and train.level_names == levels == ("class",)

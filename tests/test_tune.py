@@ -19,10 +19,16 @@ import yaml
 
 import hirl_ray
 from hirl_ray.config import ConfigError, load_config
-from hirl_ray.train.checkpoint import find_checkpoints
 from hirl_ray.eval.label_free import hierarchy_silhouette
-from hirl_ray.sweep.sampling import DefineByRun, cluster_sizes, grid_points, sizes_from_params
-from hirl_ray.sweep.space import parse_tune_spec
+from hirl_ray.sweep.sampling import (
+    DefineByRun,
+    cluster_sizes,
+    grid_points,
+    search_params,
+    sizes_from_params,
+)
+from hirl_ray.sweep.space import IntRange, Range, TuneConfig, parse_tune_spec
+from hirl_ray.train.checkpoint import find_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -51,13 +57,19 @@ def tiny_sweep(tmp_path: Path, **tune_overrides) -> dict:
     }
 
 
+def _spec_and_params(raw: dict):
+    cfg = load_config(raw)
+    spec = cfg.section("tune")
+    return spec, search_params(spec, cfg)
+
+
 def test_every_sampled_hierarchy_is_valid_and_depth_conditions_the_space():
-    spec = parse_tune_spec(tiny_sweep(Path("/tmp"), space={
+    spec, params = _spec_and_params(tiny_sweep(Path("/tmp"), space={
         "depth": {"min": 1, "max": 4}, "level0_clusters": {"min": 5, "max": 200},
-        "shrink": {"min": 0.05, "max": 0.95}})["tune"])
+        "shrink": {"min": 0.05, "max": 0.95}}))
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    space = DefineByRun(spec)
+    space = DefineByRun(spec, params)
     depths = set()
     for _ in range(300):
         trial = study.ask()
@@ -79,9 +91,9 @@ def test_every_sampled_hierarchy_is_valid_and_depth_conditions_the_space():
 
 
 def test_grid_covers_the_same_space_with_valid_points():
-    spec = parse_tune_spec(tiny_sweep(Path("/tmp"), searcher={"name": "grid",
-                                                              "grid_points": 3})["tune"])
-    points = grid_points(spec)
+    spec, params = _spec_and_params(tiny_sweep(Path("/tmp"), searcher={"name": "grid",
+                                                                       "grid_points": 3}))
+    points = grid_points(spec, params)
     # depth 1: 3 K_0 x 3 lr (no shrink); depth 2: 3 K_0 x 3 shrink x 3 lr
     assert len(points) == 9 + 27
     assert {tuple(p["num_clusters"]) for p in points} >= {(6,), (24,), (24, 12)}
@@ -101,6 +113,21 @@ def test_grid_covers_the_same_space_with_valid_points():
     ({"space": {"params": {"hirl.warmup_epochs": {"choices": [1, 9]}}}},
      "tune.space.params.hirl.warmup_epochs"),
     ({"storage": {"url": "optuna.db"}}, "tune.storage.url"),
+    ({"space": {"depth": {"min": 1.5, "max": 2}}}, "tune.space.depth.min"),
+    ({"space": {"params": {"hirl.num_neg_paths": {"min": 1.5, "max": 4}}}},
+     "tune.space.params.hirl.num_neg_paths.min"),
+    ({"space": {"params": {"method.queue_size": {"min": 8, "max": 64}}}},  # not SimCLR's
+     "tune.space.params.method.queue_size"),
+    ({"space": {"params": {"train.optimizer": {"min": 1, "max": 2}}}},
+     "tune.space.params.train.optimizer"),
+    ({"space": {"params": {"train.lr": {"min": 0.1}}}}, "tune.space.params.train.lr"),
+    ({"space": {"params": {"train.lr": {"choices": []}}}}, "tune.space.params.train.lr.choices"),
+    ({"metric": ["nmi/class", "nmi/class"]}, "tune.metric"),
+    ({"mode": ["max", "min"]}, "tune.mode"),
+    ({"scheduler": {"name": "hyperband"}}, "tune.scheduler.name"),
+    ({"searcher": {"grid_points": 1}}, "tune.searcher"),
+    ({"resources": {"gpus_per_worker": 2}}, "tune.resources"),
+    ({"num_trials": 0}, "tune.num_trials"),
 ])
 def test_invalid_space_fails_naming_the_key_before_ray_starts(tmp_path, monkeypatch, change, key):
     import hirl_ray.sweep.search as search
@@ -119,6 +146,55 @@ def test_invalid_space_fails_naming_the_key_before_ray_starts(tmp_path, monkeypa
         hirl_ray.tune(raw)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_tune_section_round_trips_and_each_default_lives_in_its_dataclass():
+    cfg = load_config(ROOT / "experiments" / "tune_default.yaml")
+    spec = cfg.section("tune")
+    assert isinstance(spec, TuneConfig)
+    assert spec.metrics == ("knn_acc/subclass", "label_free/silhouette")
+    assert spec.modes == ("max", "max") and spec.multi_objective
+    # A sweep saves cfg.to_dict() as JSON (sweep.json) and reloads it: equal, tune: included.
+    again = load_config(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.section("tune") == spec
+    # A partial range keeps the other bound's default; one metric is a string; a wall-time
+    # metric is minimised by default.
+    partial = parse_tune_spec({"metric": "time_total_s", "space": {"depth": {"max": 2}}})
+    assert partial.space.depth.min == TuneConfig().space.depth.min == 2
+    assert partial.space.level0_clusters.log and partial.metrics == ("time_total_s",)
+    assert partial.modes == ("min",) and partial.scheduler.grace_period == 3
+
+
+def test_searched_keys_take_the_type_of_the_config_key_they_set(tmp_path):
+    raw = tiny_sweep(tmp_path, space={"params": {
+        "train.lr": {"min": 1, "max": 2},  # integers given for a float key: still a float range
+        "hirl.num_neg_paths": {"min": 16, "max": 64, "log": True},
+        "method.temperature": {"choices": [0.1, 0.5]}}})
+    cfg = load_config(raw)
+    params = dict(search_params(cfg.section("tune"), cfg))
+    assert type(params["train.lr"]) is Range and not params["train.lr"].is_int
+    assert params["hirl.num_neg_paths"] == IntRange(16, 64, log=True)
+    assert params["method.temperature"].values == (0.1, 0.5)
+    # method.* keys belong to the chosen method's own config.
+    raw["method"]["name"] = "mocov2"
+    raw["tune"]["space"]["params"] = {"method.queue_size": {"min": 64, "max": 256}}
+    cfg = load_config(raw)
+    assert dict(search_params(cfg.section("tune"), cfg)) == {
+        "method.queue_size": IntRange(64, 256)}
+
+
+def test_sweep_refuses_remote_storage_and_a_missing_tune_section(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_sweep(tmp_path)
+    raw["storage"] = {"path": "gs://bucket/sweeps", "name": "s"}
+    with pytest.raises(ConfigError, match=r"storage\.path=gs://bucket/sweeps: sweeps write to "
+                                          "a local folder"):
+        hirl_ray.tune(raw)
+    assert not any(tmp_path.iterdir())  # no local folder "gs:/bucket/..." appeared
+    del raw["tune"]
+    raw["storage"] = {"path": str(tmp_path), "name": "s"}
+    with pytest.raises(ConfigError, match="no tune: section"):
+        hirl_ray.tune(raw)
 
 
 def test_label_free_silhouette_prefers_the_true_number_of_clusters():

@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from hirl_ray import storage
 from hirl_ray.config import DATASETS, ConfigError, DataConfig
 from hirl_ray.data.base import HierDataset, TensorHierDataset, ViewDataset, label_parents
+from hirl_ray.data.folder import LEVEL_NAMES as FOLDER_LEVELS
+from hirl_ray.data.synthetic import LEVEL_NAMES as SYNTHETIC_LEVELS
 from hirl_ray.data.transforms import MEAN, STD, eval_transform, multi_view_transform
 
 SPLITS = ("train", "test")
+#: Remote ``data.root`` schemes the data layer reads (a per-node cache: ``hirl_ray.data.s3``).
+READABLE_SCHEMES = ("s3",)
 
 
 def _synthetic(cfg: DataConfig, split: str) -> HierDataset:
@@ -50,22 +55,26 @@ def _digits(cfg: DataConfig, split: str) -> HierDataset:
 
 
 def register_dataset(name: str, builder: Callable[[DataConfig, str], HierDataset],
-                     needs_root: bool = True) -> None:
+                     needs_root: bool = True, level_names: tuple[str, ...] | None = None
+                     ) -> None:
     """Make ``data.name: <name>`` build splits with ``builder(cfg, split)``.
 
-    ``needs_root``: the loader refuses the dataset without ``data.root``.
+    ``needs_root``: the loader refuses the dataset without ``data.root``. ``level_names``: the
+    label levels (finest first) when fixed for the dataset, so the driver knows them without
+    loading images (:func:`dataset_level_names`); ``None`` when they depend on the files.
     """
 
     def build(cfg: DataConfig, split: str) -> HierDataset:
         return builder(cfg, split)
 
     build.needs_root = needs_root  # type: ignore[attr-defined]
+    build.level_names = level_names  # type: ignore[attr-defined]
     build.__qualname__ = f"dataset:{name}"
     DATASETS.register(name, build)
 
 
-register_dataset("synthetic", _synthetic, needs_root=False)
-register_dataset("imagefolder", _imagefolder)
+register_dataset("synthetic", _synthetic, needs_root=False, level_names=SYNTHETIC_LEVELS)
+register_dataset("imagefolder", _imagefolder, level_names=FOLDER_LEVELS)
 register_dataset("npz", _npz)
 register_dataset("cifar10", _cifar)
 register_dataset("cifar100", _cifar)
@@ -89,11 +98,34 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
         raise ConfigError(
             f"data.root is required for data.name={cfg.name!r}; set it to the dataset's local path"
         )
-    if cfg.root and cfg.root.startswith("s3://"):
+    if _remote_root(cfg):
         from hirl_ray.data.s3 import localize
 
-        cfg = dataclasses.replace(cfg, root=str(localize(cfg.root)))
+        cfg = dataclasses.replace(cfg, root=str(localize(str(cfg.root))))
     return builder(cfg, split)
+
+
+def _remote_root(cfg: DataConfig) -> bool:
+    """Whether ``data.root`` is remote; a remote scheme we cannot read is a ConfigError."""
+    if not cfg.root or not storage.is_remote(cfg.root):
+        return False
+    scheme = storage.scheme(cfg.root)
+    if scheme not in READABLE_SCHEMES:
+        raise ConfigError(
+            f"data.root={cfg.root}: the data layer cannot read {scheme}:// yet; use a local "
+            f"path or one of {', '.join(f'{s}://' for s in READABLE_SCHEMES)}")
+    return True
+
+
+def dataset_level_names(cfg: DataConfig, split: str = "train") -> tuple[str, ...]:
+    """Label levels of the dataset, finest first, without loading images when they are fixed.
+
+    Datasets registered with ``level_names`` (synthetic, imagefolder) answer at once, so the
+    driver of a sweep does not download an ``s3://`` image folder to learn them; the others
+    are built (small arrays: npz, CIFAR, digits).
+    """
+    fixed = DATASETS.get(cfg.name).level_names
+    return tuple(fixed) if fixed is not None else tuple(build_dataset(cfg, split).level_names)
 
 
 def dataset_size(cfg: DataConfig, split: str) -> int:
@@ -103,7 +135,7 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
     actor); the workers download their node's copy when they build the dataset. Other datasets
     (and npz files in S3, a single object each) are built as usual.
     """
-    if cfg.name == "imagefolder" and cfg.root and cfg.root.startswith("s3://"):
+    if cfg.name == "imagefolder" and _remote_root(cfg):
         from hirl_ray.data.folder import SPLIT_FOLDERS
         from hirl_ray.data.s3 import count_folder_images
 
@@ -123,6 +155,7 @@ __all__ = [
     "DATASETS",
     "register_dataset",
     "dataset_size",
+    "dataset_level_names",
     "HierDataset",
     "TensorHierDataset",
     "ViewDataset",

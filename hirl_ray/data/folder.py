@@ -17,6 +17,8 @@ from hirl_ray.data.base import HierDataset
 
 # Which folder names serve each split, in order of preference (ImageNet calls its test split "val").
 SPLIT_FOLDERS = {"train": ("train",), "test": ("val", "test")}
+#: One label level: the class folder.
+LEVEL_NAMES = ("class",)
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -75,7 +77,7 @@ class ImageFolderDataset(HierDataset):
         self.classes: list[str] = classes
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([t for _, t in samples], dtype=np.int64).reshape(-1, 1)
-        self.level_names = ("class",)
+        self.level_names = LEVEL_NAMES
 
     def image(self, i: int) -> Image.Image:
         return default_loader(self.paths[i])  # PIL, converted to RGB

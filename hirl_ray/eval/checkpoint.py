@@ -17,6 +17,7 @@ from hirl_ray.data import ViewDataset, build_dataset, eval_transform
 from hirl_ray.eval.report import run_evaluation
 from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy
 from hirl_ray.models import build_backbone
+from hirl_ray.runs import LAYOUT
 from hirl_ray.train.checkpoint import META_FILE, latest_checkpoint, load_state, read_meta
 
 BACKBONE_PREFIX = "method.backbone."
@@ -30,7 +31,8 @@ def resolve_checkpoint(path: str | Path) -> str:
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no hirl_ray checkpoint at {path}; pass a run folder "
-                                "(storage.path/storage.name) or one of its train/epoch_* folders")
+                                "(storage.path/storage.name) or one of its "
+                                f"{LAYOUT.train}/epoch_* folders")
     return found
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from hirl_ray.config import ConfigError
+from hirl_ray.logs import get_logger
 from hirl_ray.sweep.sweep import load_sweep
+
+log = get_logger(__name__)
 
 HOST = "127.0.0.1"
 
 
 def serve_dashboard(sweep_dir: str | Path, port: int = 8080) -> None:
-    """Serve the dashboard until Ctrl-C (prints the URL to open first)."""
+    """Serve the dashboard until Ctrl-C (logs the URL to open first)."""
     try:
         from optuna_dashboard import run_server
     except ImportError:
@@ -30,6 +33,6 @@ def serve_dashboard(sweep_dir: str | Path, port: int = 8080) -> None:
         raise ConfigError(f"{sweep_dir} is a grid sweep: it has no Optuna study; use "
                           "hirl-ray report instead")
     name = study_name(spec, sweep_dir)
-    print(f"[hirl_ray] optuna-dashboard for study {name!r}: open http://{HOST}:{port}/ "
-          "(Ctrl-C stops it)", flush=True)
+    log.info("optuna-dashboard for study %r: open http://%s:%d/ (Ctrl-C stops it)", name, HOST,
+             port)
     run_server(optuna_storage(spec, sweep_dir), host=HOST, port=port)

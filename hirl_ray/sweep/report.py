@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep import plots
-from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneSpec
+from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneConfig
 from hirl_ray.sweep.sweep import load_sweep
 from hirl_ray.sweep.tree import prototype_tree
 
 
-def _importance(sweep_dir: Path, spec: TuneSpec, table: pd.DataFrame,
+def _importance(sweep_dir: Path, spec: TuneConfig, table: pd.DataFrame,
                 columns: list[str]) -> tuple[dict[str, float], str]:
     """Optuna's fANOVA importance over the study, else |Spearman| on the table."""
     try:
@@ -43,11 +44,11 @@ def _importance(sweep_dir: Path, spec: TuneSpec, table: pd.DataFrame,
             return {k: float(v) for k, v in values.items()}, "Optuna fANOVA"
     except Exception:  # too few trials, grid sweep without a study, …
         pass
-    return plots.spearman_importance(table, columns, spec.metric), "|Spearman rho|"
+    return plots.spearman_importance(table, columns, spec.primary_metric), "|Spearman rho|"
 
 
 def _best_results(sweep_dir: Path, trial_id: str) -> list[dict[str, Any]]:
-    for f in (sweep_dir / "tune").glob(f"*{trial_id}*/result.json"):
+    for f in LAYOUT.tune_dir(sweep_dir).glob(f"*{trial_id}*/result.json"):
         return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     return []
 
@@ -74,16 +75,18 @@ def write_report(sweep_dir: str | Path) -> Path:
     cfg, spec, _ = load_sweep(sweep_dir)
     table = results_table(sweep_dir, spec, cfg.train.epochs)
     if table.empty:
-        raise FileNotFoundError(f"no finished trial in {sweep_dir}/tune; run hirl-ray tune first")
-    out = sweep_dir / "report"
+        raise FileNotFoundError(f"no finished trial in {LAYOUT.tune_dir(sweep_dir)}; run "
+                                "hirl-ray tune first")
+    out = LAYOUT.report_dir(sweep_dir)
     out.mkdir(exist_ok=True)
     best = pick_best(table, spec)
     shape_cols = ["depth"] + sorted(c for c in table.columns if c.startswith("K_"))
-    param_cols = [k for k, _ in spec.params]
+    param_cols = list(spec.space.params)
+    metric, mode = spec.primary_metric, spec.primary_mode
     figs: list[tuple[Path | None, str]] = [
-        (plots.history(table, spec.metric, spec.mode, out / "history.png"),
+        (plots.history(table, metric, mode, out / "history.png"),
          "Optimisation history"),
-        (plots.parallel_coordinates(table, shape_cols + param_cols, spec.metric,
+        (plots.parallel_coordinates(table, shape_cols + param_cols, metric,
                                     out / "parallel_coordinates.png"),
          "Parallel coordinates over depth, cluster sizes and searched parameters")]
     imp, how = _importance(sweep_dir, spec, table, ["depth", "level0_clusters"] + param_cols)
@@ -96,17 +99,17 @@ def write_report(sweep_dir: str | Path) -> Path:
     curves = _best_results(sweep_dir, best["trial_id"])
     figs.append((plots.learning_curves(curves, spec.metrics, out / "learning_curves.png")
                  if curves else None, "Best trial: learning curves"))
-    figs.append((prototype_tree(sweep_dir / "trials" / best["trial_id"], best["checkpoint"],
+    figs.append((prototype_tree(LAYOUT.trial_dir(sweep_dir, best["trial_id"]), best["checkpoint"],
                                 out / "prototype_tree.png"), "Best trial: prototype tree"))
 
-    worst = table[spec.metric].min() if spec.mode == "max" else table[spec.metric].max()
+    worst = table[metric].min() if mode == "max" else table[metric].max()
     full_budget = len(table) * cfg.train.epochs
     used = int(table["epochs_trained"].sum())
     facts = {
         "metric": ", ".join(f"{m} ({d})" for m, d in zip(spec.metrics, spec.modes, strict=True)),
         "best trial": f"{best['trial_id']}: depth {best['depth']}, clusters "
-                      f"{best['num_clusters']}, {spec.metric} = {best[spec.metric]:.4f}",
-        "worst trial": f"{spec.metric} = {worst:.4f}",
+                      f"{best['num_clusters']}, {metric} = {best[metric]:.4f}",
+        "worst trial": f"{metric} = {worst:.4f}",
         "best checkpoint": str(best["checkpoint"]),
         "trials": f"{len(table)} ({int(table['stopped_early'].sum())} stopped early by ASHA)",
         "compute": f"{used} trial-epochs of {full_budget} for full-budget trials "
@@ -114,9 +117,9 @@ def write_report(sweep_dir: str | Path) -> Path:
         "searcher / scheduler": f"{spec.searcher.name} / {spec.scheduler.name}",
     }
     full = table[~table["stopped_early"]]
-    if len(full) and spec.metric in full:
-        facts["full-budget trials"] = f"{spec.metric} from {full[spec.metric].min():.4f} to " \
-                                      f"{full[spec.metric].max():.4f} over {len(full)} trials"
+    if len(full) and metric in full:
+        facts["full-budget trials"] = f"{metric} from {full[metric].min():.4f} to " \
+                                      f"{full[metric].max():.4f} over {len(full)} trials"
     # Does the label-free metric rank trials like kNN does? (the optimised kNN level if any)
     knn = [m for m in spec.metrics if m.startswith("knn_acc/")] or \
         [c for c in table.columns if c.startswith("knn_acc/")]

@@ -1,4 +1,4 @@
-"""From a :class:`TuneSpec` to trials: hierarchy sizes, Optuna define-by-run, grid, overrides.
+"""From a :class:`TuneConfig` to trials: hierarchy sizes, Optuna define-by-run, grid, overrides.
 
 No Ray here; Optuna is only touched through the ``trial`` object handed to
 :class:`DefineByRun`, so the maths of the space is testable without either.
@@ -6,15 +6,27 @@ No Ray here; Optuna is only touched through the ``trial`` object handed to
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from hirl_ray.config import ConfigError, ExperimentConfig, load_config
-from hirl_ray.sweep.space import LEVEL_METRICS, Choice, Range, TuneSpec
+from hirl_ray.config import SECTIONS, ConfigError, ExperimentConfig, load_config
+from hirl_ray.runs import LAYOUT
+from hirl_ray.sweep.space import LEVEL_METRICS, Choice, Dist, TuneConfig
+
+#: ``tune.space.params`` entries resolved against the experiment: ``(config key, distribution)``.
+Params = tuple[tuple[str, Dist], ...]
+# Keys the search may not touch: they are set by the sweep itself (shape, resources, eval).
+RESERVED = frozenset({
+    "hirl.num_clusters", "hirl.enabled", "train.num_workers", "train.use_gpu",
+    "train.cpus_per_worker", "train.gpus_per_worker", "train.epochs", "train.max_failures"})
+# Sections whose keys are never searched (where data and results live).
+_UNSEARCHABLE = ("data", "storage")
 
 
 def cluster_sizes(depth: int, level0: int, shrink: Sequence[float]) -> tuple[int, ...]:
@@ -23,7 +35,7 @@ def cluster_sizes(depth: int, level0: int, shrink: Sequence[float]) -> tuple[int
     ``K_l = round(r_l * K_{l-1})`` clamped to ``[depth - l + 1, K_{l-1} - 1]``: strictly
     decreasing (HIRL's levels cluster the centroids below, so ``K_l < K_{l-1}``) and with
     room for every remaining level to keep >= 2 clusters. Needs ``level0 >= depth + 1``,
-    which :func:`hirl_ray.sweep.space.parse_tune_spec` guarantees for the whole space.
+    which :class:`hirl_ray.sweep.space.HierarchySpace` guarantees for the whole space.
     """
     if level0 < depth + 1 and depth > 1:
         raise ValueError(f"level0={level0} leaves no room for {depth} decreasing levels")
@@ -46,7 +58,33 @@ def sizes_from_params(params: Mapping[str, Any]) -> tuple[int, ...]:
                          [float(params[shrink_name(lv)]) for lv in range(1, depth)])
 
 
-def _suggest(trial: Any, name: str, dist: Range | Choice) -> Any:
+def search_params(spec: TuneConfig, cfg: ExperimentConfig) -> Params:
+    """Each ``tune.space.params`` entry as the distribution of the config key it sets.
+
+    The key must name a field of a searchable section's dataclass (for ``method.*``, the
+    chosen method's ``Config``); a range is integer exactly when that field is an ``int``.
+    """
+    out = []
+    for key, param in spec.space.params.items():
+        where = f"tune.space.params.{key}"
+        section, _, name = key.partition(".")
+        fields: dict[str, Any] = {}
+        if section in SECTIONS and section not in _UNSEARCHABLE:
+            cls = type(getattr(cfg, section))
+            hints = typing.get_type_hints(cls)
+            fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+        if name not in fields or key in RESERVED:
+            raise ConfigError(f"{where}: not a searchable key; search section.key of model, "
+                              "method, hirl, train or eval (depth/cluster sizes go in "
+                              "tune.space.depth/level0_clusters/shrink)")
+        kind = fields[name]
+        if param.choices is None and kind not in (int, float):
+            raise ConfigError(f"{where}: {key} is not numeric; give {{choices: [...]}}")
+        out.append((key, param.dist(where, is_int=kind is int)))
+    return tuple(out)
+
+
+def _suggest(trial: Any, name: str, dist: Dist) -> Any:
     if isinstance(dist, Choice):
         return trial.suggest_categorical(name, list(dist.values))
     if dist.is_int:
@@ -60,23 +98,25 @@ class DefineByRun:
     Conditional on depth (Optuna's define-by-run style): a depth-2 trial never samples
     ``shrink_2``, so TPE does not learn from values that had no effect. Picklable (the
     searcher is saved in Tune's experiment state and must survive ``Tuner.restore``).
+    ``params``: :func:`search_params` of the sweep.
     """
 
-    def __init__(self, spec: TuneSpec) -> None:
+    def __init__(self, spec: TuneConfig, params: Params) -> None:
         self.spec = spec
+        self.params = params
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         s = self.spec.space
         depth = _suggest(trial, "depth", s.depth)
         level0 = _suggest(trial, "level0_clusters", s.level0_clusters)
         ratios = [_suggest(trial, shrink_name(lv), s.shrink) for lv in range(1, depth)]
-        for key, dist in self.spec.params:
+        for key, dist in self.params:
             _suggest(trial, key, dist)
         # Constant, derived values go into Tune's config (results table) but not into Optuna.
         return {"num_clusters": list(cluster_sizes(depth, level0, ratios))}
 
 
-def _axis(dist: Range | Choice, n: int) -> list[Any]:
+def _axis(dist: Dist, n: int) -> list[Any]:
     if isinstance(dist, Choice):
         return list(dist.values)
     if dist.log:
@@ -88,7 +128,7 @@ def _axis(dist: Range | Choice, n: int) -> list[Any]:
     return [float(v) for v in vals]
 
 
-def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
+def grid_points(spec: TuneConfig, params: Params) -> list[dict[str, Any]]:
     """Every point of the full grid over the same space (``searcher.grid_points`` per axis).
 
     One shared shrink ratio per grid point (``shrink_l`` equal for all levels) keeps the grid
@@ -97,12 +137,12 @@ def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
     s, n = spec.space, spec.searcher.grid_points
     axes = [_axis(s.depth, s.depth.max - s.depth.min + 1 if s.depth.is_int else n),
             _axis(s.level0_clusters, n), _axis(s.shrink, n),
-            *[_axis(d, n) for _, d in spec.params]]
+            *[_axis(d, n) for _, d in params]]
     out = []
     for depth, k0, r, *rest in itertools.product(*axes):
         point: dict[str, Any] = {"depth": depth, "level0_clusters": k0}
         point.update({shrink_name(lv): r for lv in range(1, depth)})
-        point.update({k: v for (k, _), v in zip(spec.params, rest, strict=True)})
+        point.update({k: v for (k, _), v in zip(params, rest, strict=True)})
         point["num_clusters"] = list(sizes_from_params(point))
         out.append(point)
     # Depth 1 has no shrink ratio: drop the duplicates the shrink axis created.
@@ -110,27 +150,27 @@ def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
-def fixed_overrides(spec: TuneSpec, sweep_dir: str, trial_id: str) -> dict[str, Any]:
+def fixed_overrides(spec: TuneConfig, sweep_dir: str, trial_id: str) -> dict[str, Any]:
     """Overrides every trial gets: its own run folder, resources, per-epoch evaluation.
 
     ``eval.every_epochs=1`` because ASHA needs the metric after every epoch.
     """
     r = spec.resources
-    return {"storage.path": f"{sweep_dir}/trials", "storage.name": trial_id,
+    return {"storage.path": str(LAYOUT.trials_dir(sweep_dir)), "storage.name": trial_id,
             "train.num_workers": r.workers_per_trial, "train.cpus_per_worker": r.cpus_per_worker,
             "train.use_gpu": r.gpus_per_worker > 0, "eval.every_epochs": 1,
             **({"train.gpus_per_worker": r.gpus_per_worker} if r.gpus_per_worker > 0 else {}),
             "eval.max_train_samples": spec.eval_max_train_samples}
 
 
-def trial_overrides(spec: TuneSpec, params: Mapping[str, Any]) -> dict[str, Any]:
+def trial_overrides(spec: TuneConfig, params: Mapping[str, Any]) -> dict[str, Any]:
     """Config overrides of one sampled trial (cluster sizes plus the searched keys)."""
     out: dict[str, Any] = {"hirl.num_clusters": list(sizes_from_params(params))}
-    out.update({key: params[key] for key, _ in spec.params})
+    out.update({key: params[key] for key in spec.space.params})
     return out
 
 
-def _corners(spec: TuneSpec) -> list[tuple[str, dict[str, Any]]]:
+def _corners(spec: TuneConfig, params: Params) -> list[tuple[str, dict[str, Any]]]:
     """Extreme points that together touch every bound of the space."""
     s = spec.space
     lo_k0 = int(s.level0_clusters.min)
@@ -138,23 +178,24 @@ def _corners(spec: TuneSpec) -> list[tuple[str, dict[str, Any]]]:
                **{shrink_name(lv): s.shrink.min for lv in range(1, int(s.depth.max))}}
     widest = {"depth": int(s.depth.min), "level0_clusters": int(s.level0_clusters.max),
               **{shrink_name(lv): s.shrink.max for lv in range(1, int(s.depth.min))}}
-    low = {key: d.values[0] if isinstance(d, Choice) else d.min for key, d in spec.params}
+    low = {key: d.values[0] if isinstance(d, Choice) else d.min for key, d in params}
     out = [("tune.space.depth.max", {**deepest, **low}),
            ("tune.space.level0_clusters.max", {**widest, **low})]
-    for key, dist in spec.params:
+    for key, dist in params:
         values = dist.values if isinstance(dist, Choice) else (dist.min, dist.max)
         for v in values:
             out.append((f"tune.space.params.{key}", {**widest, **low, key: v}))
     return out
 
 
-def check_against(spec: TuneSpec, cfg: ExperimentConfig, num_samples: int,
+def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_samples: int,
                   level_names: Sequence[str]) -> None:
     """Checks that need the base experiment and the data (run before Ray starts).
 
     Every corner of the space must give a valid experiment; cluster sizes must not exceed
-    the training samples; ASHA's grace period must outlast the HIRL warm-up (FIELD_NOTES:
-    otherwise trials are judged before HIRL starts) and leave epochs to stop early.
+    the training samples; ASHA's grace period must outlast the HIRL warm-up (a trial judged
+    while still in warm-up is ranked on plain contrastive features, before HIRL's loss has
+    had any effect) and leave epochs to stop early.
     """
     if spec.space.level0_clusters.max > num_samples:
         raise ConfigError(f"tune.space.level0_clusters.max={int(spec.space.level0_clusters.max)} "
@@ -166,7 +207,7 @@ def check_against(spec: TuneSpec, cfg: ExperimentConfig, num_samples: int,
             raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")
     base = {"hirl.enabled": True, **fixed_overrides(spec, cfg.storage.path, "check")}
     warmups = [cfg.hirl.warmup_epochs]
-    for where, point in _corners(spec):
+    for where, point in _corners(spec, params):
         overrides = {**base, **trial_overrides(spec, point)}
         try:
             trial_cfg = load_config(cfg, overrides)

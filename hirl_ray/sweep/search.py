@@ -1,12 +1,11 @@
 """Driver of a sweep: Optuna search + ASHA on Ray Tune, persisted and resumable.
 
-Sweep folder ``storage.path/storage.name``::
-
-    sweep.json       base experiment, tune spec, data size (what resume/report/dashboard read)
-    optuna.db        the Optuna study (SQLite by default; see ``tune.storage.url``)
-    tune/            Ray Tune experiment (restorable) with TensorBoard event files per trial
-    trials/<id>/     each trial's HIRL run: config.yaml, params.json, train/epoch_NNNN, hierarchy/
-    results.csv      one row per trial (written at the end, also after a resume)
+Sweep folder ``storage.path/storage.name`` (names: :class:`hirl_ray.runs.RunLayout`):
+``sweep.json`` (base experiment, tune section, data size: what resume/report/dashboard read),
+``optuna.db`` (the Optuna study, SQLite by default; see ``tune.storage.url``), ``tune/`` (Ray
+Tune's restorable experiment, TensorBoard event files per trial), ``trials/<id>/`` (each
+trial's HIRL run folder) and ``results.csv`` (one row per trial, written at the end, also
+after a resume).
 """
 
 from __future__ import annotations
@@ -22,13 +21,15 @@ import ray
 from ray import tune
 
 from hirl_ray.config import ConfigError
-from hirl_ray.train.checkpoint import find_checkpoints, latest_checkpoint
-from hirl_ray.sweep.sampling import DefineByRun, grid_points, sizes_from_params
-from hirl_ray.sweep.space import TuneSpec
+from hirl_ray.logs import get_logger
+from hirl_ray.runs import LAYOUT
+from hirl_ray.sweep.sampling import DefineByRun, Params, grid_points, sizes_from_params
+from hirl_ray.sweep.space import TuneConfig
 from hirl_ray.sweep.trial import FreeStoppedTrials, run_trial
+from hirl_ray.train import ray_compat
+from hirl_ray.train.checkpoint import find_checkpoints, latest_checkpoint
 
-log = logging.getLogger(__name__)
-EXPERIMENT = "tune"
+log = get_logger(__name__)
 
 
 def init_ray_for_sweep() -> str | None:
@@ -50,14 +51,14 @@ def init_ray_for_sweep() -> str | None:
     return None
 
 
-def optuna_storage(spec: TuneSpec, sweep_dir: Path) -> Any:
+def optuna_storage(spec: TuneConfig, sweep_dir: Path) -> Any:
     """SQLite ``<sweep>/optuna.db`` by default; an RDB URL; or ``journal:<file>`` (many nodes).
 
     Explicit storage so optuna-dashboard can read the study (ray #48500 / PR #48547).
     """
     import optuna
 
-    url = spec.storage.url or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    url = spec.storage.url or f"sqlite:///{LAYOUT.optuna_file(sweep_dir)}"
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -65,11 +66,11 @@ def optuna_storage(spec: TuneSpec, sweep_dir: Path) -> Any:
     return optuna.storages.RDBStorage(url)
 
 
-def study_name(spec: TuneSpec, sweep_dir: Path) -> str:
+def study_name(spec: TuneConfig, sweep_dir: Path) -> str:
     return spec.storage.study_name or sweep_dir.name
 
 
-def _searcher(spec: TuneSpec, sweep_dir: Path) -> Any:
+def _searcher(spec: TuneConfig, params: Params, sweep_dir: Path) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -80,26 +81,27 @@ def _searcher(spec: TuneSpec, sweep_dir: Path) -> Any:
         # constant_liar: with concurrent trials, pending ones count as bad so TPE spreads out.
         sampler = optuna.samplers.TPESampler(seed=se.seed, n_startup_trials=se.n_startup_trials,
                                              constant_liar=spec.max_concurrent_trials > 1)
-    metric = list(spec.metrics) if spec.multi_objective else spec.metric
-    mode = list(spec.modes) if spec.multi_objective else spec.mode
-    return OptunaSearch(space=DefineByRun(spec), metric=metric, mode=mode, sampler=sampler,
+    metric = list(spec.metrics) if spec.multi_objective else spec.primary_metric
+    mode = list(spec.modes) if spec.multi_objective else spec.primary_mode
+    return OptunaSearch(space=DefineByRun(spec, params), metric=metric, mode=mode, sampler=sampler,
                         study_name=study_name(spec, sweep_dir),
                         storage=optuna_storage(spec, sweep_dir))
 
 
-def _scheduler(spec: TuneSpec, epochs: int) -> Any:
+def _scheduler(spec: TuneConfig, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler.name == "fifo":
         return FIFOScheduler()
     # time_attr="epoch" (our completed-epoch count), not Tune's iteration counter, which
     # restarts at 1 when a restored trial resumes from its own checkpoint.
-    return ASHAScheduler(time_attr="epoch", metric=spec.metric, mode=spec.mode, max_t=epochs,
+    return ASHAScheduler(time_attr="epoch", metric=spec.primary_metric, mode=spec.primary_mode,
+                         max_t=epochs,
                          grace_period=spec.scheduler.grace_period,
                          reduction_factor=spec.scheduler.reduction_factor)
 
 
-def _trainable(spec: TuneSpec, sweep_dir: Path, base: dict[str, Any], num_samples: int) -> Any:
+def _trainable(spec: TuneConfig, sweep_dir: Path, base: dict[str, Any], num_samples: int) -> Any:
     fn = tune.with_parameters(run_trial, base=base, spec=spec, sweep_dir=str(sweep_dir),
                               num_samples=num_samples)
     # The trial function itself only waits on its Train run: it reserves no CPU (Tune needs a
@@ -107,13 +109,16 @@ def _trainable(spec: TuneSpec, sweep_dir: Path, base: dict[str, Any], num_sample
     return tune.with_resources(fn, {"CPU": 0, "memory": 64 * 1024 ** 2})
 
 
-def run_sweep(spec: TuneSpec, sweep_dir: Path, base: dict[str, Any], num_samples: int,
-              resume: bool = False) -> tuple[Any, bool]:
-    """Run (or restore and finish) the sweep; returns Tune's ResultGrid and "interrupted"."""
+def run_sweep(spec: TuneConfig, params: Params, sweep_dir: Path, base: dict[str, Any],
+              num_samples: int, resume: bool = False) -> tuple[Any, bool]:
+    """Run (or restore and finish) the sweep; returns Tune's ResultGrid and "interrupted".
+
+    ``params``: :func:`hirl_ray.sweep.sampling.search_params` of ``spec``.
+    """
     url = init_ray_for_sweep()
     if url:
-        print(f"[hirl_ray] Ray dashboard: {url}", flush=True)
-    experiment = sweep_dir / EXPERIMENT
+        log.info("Ray dashboard: %s", url)
+    experiment = LAYOUT.tune_dir(sweep_dir)
     trainable = _trainable(spec, sweep_dir, base, num_samples)
     callbacks = [FreeStoppedTrials(str(sweep_dir))]
     if resume:
@@ -126,34 +131,36 @@ def run_sweep(spec: TuneSpec, sweep_dir: Path, base: dict[str, Any], num_samples
                                    resume_errored=True)
     else:
         if search_alg_grid := spec.searcher.name == "grid":
-            param_space: dict[str, Any] = {"grid_point": tune.grid_search(grid_points(spec))}
+            param_space: dict[str, Any] = {
+                "grid_point": tune.grid_search(grid_points(spec, params))}
         else:
             param_space = {}
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=None if search_alg_grid else _searcher(spec, sweep_dir),
+                search_alg=None if search_alg_grid else _searcher(spec, params, sweep_dir),
                 scheduler=_scheduler(spec, base["train"]["epochs"]),
                 num_samples=1 if search_alg_grid else spec.num_trials,
                 max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=False),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir),
+            run_config=tune.RunConfig(name=LAYOUT.tune, storage_path=str(sweep_dir),
                                       callbacks=callbacks, verbose=1))
     grid = tuner.fit()
-    trials = grid._experiment_analysis.trials  # Tune's Trial objects carry the status
-    expected = len(grid_points(spec)) if spec.searcher.name == "grid" else spec.num_trials
+    trials = ray_compat.experiment_analysis(grid).trials  # Tune's Trials carry the status
+    expected = len(grid_points(spec, params)) if spec.searcher.name == "grid" \
+        else spec.num_trials
     done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     return grid, done < expected
 
 
-def results_table(sweep_dir: Path, spec: TuneSpec, epochs: int) -> pd.DataFrame:
+def results_table(sweep_dir: Path, spec: TuneConfig, epochs: int) -> pd.DataFrame:
     """One row per trial from the trial folders and Tune's per-trial ``result.json``.
 
     ``epochs_trained`` counts checkpoints on disk: the compute a trial really used (a trial
     ASHA stopped may have finished one more epoch than Tune saw).
     """
     rows = []
-    for trial_dir in sorted((sweep_dir / EXPERIMENT).glob("*/")):
-        result_file = trial_dir / "result.json"
+    for trial_dir in sorted(LAYOUT.tune_dir(sweep_dir).glob("*/")):
+        result_file = trial_dir / "result.json"  # Tune's own files in its trial folder
         params_file = trial_dir / "params.json"
         if not result_file.is_file() or not params_file.is_file():
             continue
@@ -162,12 +169,12 @@ def results_table(sweep_dir: Path, spec: TuneSpec, epochs: int) -> pd.DataFrame:
         if not lines:
             continue
         last, trial_id = lines[-1], lines[-1]["trial_id"]
-        run_dir = sweep_dir / "trials" / trial_id
+        run_dir = LAYOUT.trial_dir(sweep_dir, trial_id)
         params = params.get("grid_point", params)
         row = {"trial_id": trial_id, "depth": int(params["depth"]),
                "level0_clusters": int(params["level0_clusters"]),
                "num_clusters": "/".join(map(str, sizes_from_params(params))),
-               **{k: params[k] for k, _ in spec.params},
+               **{k: params[k] for k in spec.space.params},
                "epochs_trained": len(find_checkpoints(run_dir)),
                "epochs_reported": int(last.get("epoch", 0)),
                "time_total_s": float(sum(x.get("time_this_iter_s", 0.0) for x in lines)),
@@ -184,16 +191,18 @@ def results_table(sweep_dir: Path, spec: TuneSpec, epochs: int) -> pd.DataFrame:
         else pd.DataFrame()
 
 
-def pick_best(table: pd.DataFrame, spec: TuneSpec) -> pd.Series:
+def pick_best(table: pd.DataFrame, spec: TuneConfig) -> pd.Series:
     """Best trial on the first metric (among the Pareto front when multi-objective)."""
     ok = table.dropna(subset=list(spec.metrics))
     if ok.empty:
-        raise RuntimeError(f"no trial reported {list(spec.metrics)}; see {EXPERIMENT}/*/error.txt")
-    ascending = spec.mode == "min"
-    return ok.sort_values([spec.metric, "epochs_trained"], ascending=[ascending, False]).iloc[0]
+        raise RuntimeError(f"no trial reported {list(spec.metrics)}; see "
+                           f"{LAYOUT.tune}/*/error.txt")
+    ascending = spec.primary_mode == "min"
+    return ok.sort_values([spec.primary_metric, "epochs_trained"],
+                          ascending=[ascending, False]).iloc[0]
 
 
-def pareto_front(table: pd.DataFrame, spec: TuneSpec) -> pd.DataFrame:
+def pareto_front(table: pd.DataFrame, spec: TuneConfig) -> pd.DataFrame:
     """Trials not dominated on ``spec.metrics`` (signs follow ``spec.modes``)."""
     vals = table[list(spec.metrics)].to_numpy(dtype=float)
     signs = [1.0 if m == "max" else -1.0 for m in spec.modes]

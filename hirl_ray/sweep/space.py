@@ -1,9 +1,11 @@
-"""The ``tune:`` section of an experiment file: strict parsing into frozen dataclasses.
+"""The ``tune:`` section of an experiment file: frozen dataclasses the config loader builds.
 
-``hirl_ray.config`` keeps ``tune:`` as a raw mapping (``ExperimentConfig.extras["tune"]``);
-this module turns it into a :class:`TuneSpec` or raises :class:`~hirl_ray.config.ConfigError`
-with one line naming the key (``tune.space.depth.min must be >= 1, got 0``). Nothing here
-imports Ray or Optuna, so a bad space fails before anything starts.
+``hirl_ray.config.build`` parses ``tune:`` like every other section (registered below), so a
+wrong key or type fails at load time with one line naming it
+(``tune.space.depth.min must be >= 1, got 0``); each dataclass checks its own values in
+``check(where)``. Checks that need the base experiment or the data (which config key a
+``tune.space.params`` entry sets, label levels, corners of the space) are in
+:func:`hirl_ray.sweep.sampling.check_against`. Nothing here imports Ray or Optuna.
 
 Hierarchy shape (HIRL Sec. 3.1 needs ``K_0 > K_1 > ... > K_{L-1}``, ``K_0 <= N``): the space
 is *depth* ``L`` (integer range), the level-0 size ``K_0`` (log-uniform integer) and one shrink
@@ -13,35 +15,74 @@ sample into a valid, strictly decreasing list, so no sampled trial can be invali
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from hirl_ray.config import SECTIONS, ConfigError
+from hirl_ray.config import ConfigError, ExperimentConfig, build, register_section
 
+TUNE_SECTION = "tune"
 LEVEL_METRICS = ("knn_acc", "nmi", "ari", "acc")
 LABEL_FREE_METRIC = "label_free/silhouette"
 WALL_TIME_METRIC = "time_total_s"
-# Keys the search may not touch: they are set by the sweep itself (shape, resources, eval).
-_RESERVED = {"hirl.num_clusters", "hirl.enabled", "train.num_workers", "train.use_gpu",
-             "train.cpus_per_worker", "train.gpus_per_worker", "train.epochs",
-             "train.max_failures"}
+MODES = ("min", "max")
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("tpe", "random", "grid")
 
 
 @dataclass(frozen=True)
 class Range:
-    """Numeric range ``[min, max]``; ``is_int`` for integer config fields."""
+    """Numeric range ``[min, max]``, sampled uniformly (log-uniformly with ``log``)."""
 
     min: float
     max: float
     log: bool = False
-    is_int: bool = False
+    is_int: ClassVar[bool] = False
+
+    def check(self, where: str) -> None:
+        if self.max < self.min:
+            raise ConfigError(f"{where}.max ({self.max}) must be >= {where}.min ({self.min})")
+        if self.log and self.min <= 0:
+            raise ConfigError(f"{where}.min must be > 0 for a log range, got {self.min}")
+
+
+@dataclass(frozen=True)
+class IntRange(Range):
+    """Integer range (for integer config keys)."""
+
+    min: int
+    max: int
+    is_int: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class DepthRange(IntRange):
+    """``tune.space.depth``: number of prototype levels."""
+
+    min: int = 2
+    max: int = 3
+
+
+@dataclass(frozen=True)
+class Level0Range(IntRange):
+    """``tune.space.level0_clusters``: ``K_0``, log scale by default."""
+
+    min: int = 8
+    max: int = 48
+    log: bool = True
+
+
+@dataclass(frozen=True)
+class ShrinkRange(Range):
+    """``tune.space.shrink``: each level's ``r_l = K_l / K_{l-1}``."""
+
+    min: float = 0.2
+    max: float = 0.6
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A categorical set of values."""
+    """A categorical set of values (what a ``{choices: [...]}`` entry samples from)."""
 
     values: tuple[Any, ...]
 
@@ -50,12 +91,62 @@ Dist = Range | Choice
 
 
 @dataclass(frozen=True)
-class HierarchySpace:
-    """Depth, level-0 size (log scale) and per-level shrink ratio."""
+class ParamSpec:
+    """One ``tune.space.params`` entry: ``{min, max, log}`` or ``{choices: [...]}``.
 
-    depth: Range = Range(2, 3, is_int=True)
-    level0_clusters: Range = Range(8, 48, log=True, is_int=True)
-    shrink: Range = Range(0.2, 0.6)
+    Whether a range is integer follows the config key it sets (its dataclass field type), known
+    only with the experiment: :func:`hirl_ray.sweep.sampling.search_params` resolves it.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def check(self, where: str) -> None:
+        if self.choices is not None:
+            if self.min is not None or self.max is not None or self.log:
+                raise ConfigError(f"{where}: give either choices or min/max/log, not both")
+            if not self.choices:
+                raise ConfigError(f"{where}.choices must be a non-empty list, got []")
+            return
+        if self.min is None or self.max is None:
+            given = {k: v for k, v in (("min", self.min), ("max", self.max)) if v is not None}
+            raise ConfigError(f"{where} needs both min and max, got {given!r}")
+        Range(self.min, self.max, self.log).check(where)
+
+    def dist(self, where: str, is_int: bool) -> Dist:
+        """The distribution to sample, integer when the config key is an ``int``."""
+        if self.choices is not None:
+            return Choice(self.choices)
+        assert self.min is not None and self.max is not None  # check() ran
+        if not is_int:
+            return Range(self.min, self.max, self.log)
+        for name, value in (("min", self.min), ("max", self.max)):
+            if not float(value).is_integer():
+                raise ConfigError(f"{where}.{name} must be an integer, got {value!r}")
+        return IntRange(int(self.min), int(self.max), self.log)
+
+
+@dataclass(frozen=True)
+class HierarchySpace:
+    """Depth, level-0 size (log scale), per-level shrink ratio, and other searched keys."""
+
+    depth: DepthRange = field(default_factory=DepthRange)
+    level0_clusters: Level0Range = field(default_factory=Level0Range)
+    shrink: ShrinkRange = field(default_factory=ShrinkRange)
+    params: Mapping[str, ParamSpec] = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        if self.depth.min < 1:
+            raise ConfigError(f"{where}.depth.min must be >= 1, got {self.depth.min}")
+        if self.level0_clusters.min < self.depth.max + 1:
+            raise ConfigError(
+                f"{where}.level0_clusters.min must be >= depth.max + 1 = {self.depth.max + 1} "
+                f"so every level keeps >= 2 clusters, got {self.level0_clusters.min}")
+        if not 0 < self.shrink.min <= self.shrink.max < 1:
+            raise ConfigError(f"{where}.shrink.min/max must satisfy 0 < min <= max < 1 "
+                              f"(K_l = r * K_(l-1)), got {self.shrink.min}..{self.shrink.max}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +156,13 @@ class SchedulerSpec:
     name: str = "asha"
     grace_period: int = 3
     reduction_factor: float = 2.0
+
+    def check(self, where: str) -> None:
+        if self.name not in SCHEDULERS:
+            raise ConfigError(f"{where}.name must be asha or fifo, got {self.name!r}")
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError(f"{where}.grace_period must be >= 1 and reduction_factor > 1, "
+                              f"got {self.grace_period} and {self.reduction_factor}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +174,12 @@ class SearcherSpec:
     n_startup_trials: int = 4
     grid_points: int = 3
 
+    def check(self, where: str) -> None:
+        if self.name not in SEARCHERS:
+            raise ConfigError(f"{where}.name must be tpe, random or grid, got {self.name!r}")
+        if self.n_startup_trials < 1 or self.grid_points < 2:
+            raise ConfigError(f"{where}.n_startup_trials must be >= 1 and grid_points >= 2")
+
 
 @dataclass(frozen=True)
 class ResourceSpec:
@@ -84,6 +188,12 @@ class ResourceSpec:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: int = 0
+
+    def check(self, where: str) -> None:
+        if self.workers_per_trial < 1 or self.cpus_per_worker <= 0 \
+                or self.gpus_per_worker not in (0, 1):
+            raise ConfigError(f"{where}: workers_per_trial must be >= 1, cpus_per_worker > 0 "
+                              f"and gpus_per_worker 0 or 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -97,17 +207,22 @@ class StudyStorage:
     url: str | None = None
     study_name: str | None = None
 
+    def check(self, where: str) -> None:
+        if self.url is not None and not ("://" in self.url or self.url.startswith("journal:")):
+            raise ConfigError(f"{where}.url must be an SQLAlchemy URL (sqlite:///x.db, "
+                              f"postgresql://...) or journal:<file>, got {self.url!r}")
+
 
 @dataclass(frozen=True)
-class TuneSpec:
-    """A validated ``tune:`` section."""
+class TuneConfig:
+    """The ``tune:`` section. ``metric``: one name or a list of 1-3 (multi-objective);
+    ``mode``: ``min``/``max`` per metric (default: ``min`` for wall time, else ``max``)."""
 
-    metrics: tuple[str, ...]
-    modes: tuple[str, ...]
+    metric: str | tuple[str, ...] | None = None
+    mode: str | tuple[str, ...] | None = None
     num_trials: int = 8
     max_concurrent_trials: int = 1
     space: HierarchySpace = field(default_factory=HierarchySpace)
-    params: tuple[tuple[str, Dist], ...] = ()
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     searcher: SearcherSpec = field(default_factory=SearcherSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
@@ -115,188 +230,77 @@ class TuneSpec:
     eval_max_train_samples: int = 480
 
     @property
-    def metric(self) -> str:
+    def metrics(self) -> tuple[str, ...]:
+        """Every optimised metric (``metric`` as a tuple)."""
+        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric or ())
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """``min``/``max`` per metric."""
+        if self.mode is None:
+            return tuple("min" if m == WALL_TIME_METRIC else "max" for m in self.metrics)
+        return (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+
+    @property
+    def primary_metric(self) -> str:
         """The metric ASHA schedules on (the first one when multi-objective)."""
         return self.metrics[0]
 
     @property
-    def mode(self) -> str:
+    def primary_mode(self) -> str:
         return self.modes[0]
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
 
+    def check(self, where: str) -> None:
+        self._check_metrics(where)
+        if self.num_trials < 1 or self.max_concurrent_trials < 1 \
+                or self.eval_max_train_samples < 0:
+            raise ConfigError(f"{where}.num_trials and {where}.max_concurrent_trials must be "
+                              f">= 1 and {where}.eval_max_train_samples >= 0")
 
-def _mapping(key: str, raw: Any, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{key} must be a mapping, got {raw!r}")
-    for k in raw:
-        if k not in allowed:
-            raise ConfigError(f"unknown key {key}.{k}; valid keys: {', '.join(allowed)}")
-    return raw
-
-
-def _number(key: str, value: Any, integer: bool = False) -> float:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok:
-        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, "
-                          f"got {value!r}")
-    return value
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def _range(key: str, raw: Any, integer: bool, default: Range | None = None) -> Range:
-    m = _mapping(key, raw, ("min", "max", "log"))
-    if default is None and ("min" not in m or "max" not in m):
-        raise ConfigError(f"{key} needs both min and max, got {dict(m)!r}")
-    lo = _number(f"{key}.min", m.get("min", default.min if default else 0), integer)
-    hi = _number(f"{key}.max", m.get("max", default.max if default else 0), integer)
-    log = _bool(f"{key}.log", m.get("log", default.log if default else False))
-    if hi < lo:
-        raise ConfigError(f"{key}.max ({hi}) must be >= {key}.min ({lo})")
-    if log and lo <= 0:
-        raise ConfigError(f"{key}.min must be > 0 for a log range, got {lo}")
-    return Range(lo, hi, log, integer)
+    def _check_metrics(self, where: str) -> None:
+        if self.metric is None:
+            raise ConfigError(f"{where}.metric is required, e.g. knn_acc/superclass, "
+                              f"nmi/superclass, {LABEL_FREE_METRIC} (no labels needed) or a "
+                              "list of two")
+        metrics = self.metrics
+        if not metrics or len(metrics) > 3:
+            raise ConfigError(f"{where}.metric must be a name or a list of 1-3 names, "
+                              f"got {list(metrics)!r}")
+        for m in metrics:
+            prefix, _, level = m.partition("/")
+            if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
+                    or (prefix in LEVEL_METRICS and level)):
+                raise ConfigError(f"{where}.metric: unknown metric {m!r}; use "
+                                  f"<{'|'.join(LEVEL_METRICS)}>/<label level>, "
+                                  f"{LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")
+        if len(set(metrics)) != len(metrics):
+            raise ConfigError(f"{where}.metric lists a metric twice: {list(metrics)}")
+        modes = self.modes
+        if len(modes) != len(metrics) or any(x not in MODES for x in modes):
+            raise ConfigError(f"{where}.mode must be min or max per metric ({len(metrics)} "
+                              f"given), got {self.mode!r}")
 
 
-def _param(key: str, raw: Any) -> Dist:
-    """One ``tune.space.params`` entry; its type follows the config field it sets."""
-    section, _, name = key.partition(".")
-    cls = SECTIONS.get(section)
-    hints = typing.get_type_hints(cls) if cls is not None else {}
-    where = f"tune.space.params.{key}"
-    if section in ("storage", "data") or name not in hints or key in _RESERVED:
-        raise ConfigError(f"{where}: not a searchable key; search section.key of model, "
-                          "method, hirl, train or eval (depth/cluster sizes go in "
-                          "tune.space.depth/level0_clusters/shrink)")
-    kind = hints[name]
-    if isinstance(raw, Mapping) and "choices" in raw:
-        _mapping(where, raw, ("choices",))
-        values = raw["choices"]
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.choices must be a non-empty list, got {values!r}")
-        return Choice(tuple(values))
-    if kind not in (int, float):
-        raise ConfigError(f"{where}: {key} is not numeric; give {{choices: [...]}}")
-    return _range(where, raw, integer=kind is int)
+register_section(TUNE_SECTION, TuneConfig)
 
 
-def _metrics(raw: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    metric = raw.get("metric")
-    if metric is None:
-        raise ConfigError("tune.metric is required, e.g. knn_acc/superclass, nmi/superclass, "
-                          f"{LABEL_FREE_METRIC} (no labels needed) or a list of two")
-    metrics = (metric,) if isinstance(metric, str) else metric
-    if not isinstance(metrics, (list, tuple)) or not metrics or len(metrics) > 3:
-        raise ConfigError(f"tune.metric must be a name or a list of 1-3 names, got {metric!r}")
-    for m in metrics:
-        prefix, _, level = str(m).partition("/")
-        if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
-                or (prefix in LEVEL_METRICS and level and isinstance(m, str))):
-            raise ConfigError(f"tune.metric: unknown metric {m!r}; use <{'|'.join(LEVEL_METRICS)}>"
-                              f"/<label level>, {LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")
-    if len(set(metrics)) != len(metrics):
-        raise ConfigError(f"tune.metric lists a metric twice: {list(metrics)}")
-    default = tuple("min" if m == WALL_TIME_METRIC else "max" for m in metrics)
-    mode = raw.get("mode", list(default))
-    modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    if len(modes) != len(metrics) or any(x not in ("min", "max") for x in modes):
-        raise ConfigError(f"tune.mode must be min or max per metric ({len(metrics)} given), "
-                          f"got {mode!r}")
-    return tuple(metrics), modes
+_NO_TUNE = "the experiment has no tune: section; add one (see experiments/tune_default.yaml)"
 
 
-_TOP = ("metric", "mode", "num_trials", "max_concurrent_trials", "space", "scheduler",
-        "searcher", "resources", "storage", "eval_max_train_samples")
-
-
-def parse_tune_spec(raw: Any) -> TuneSpec:
-    """Validate a raw ``tune:`` mapping (syntax and ranges; see :func:`check_against` too)."""
-    if raw is None:
-        raise ConfigError("the experiment has no tune: section; add one (see "
-                          "experiments/tune_default.yaml)")
-    top = _mapping("tune", raw, _TOP)
-    metrics, modes = _metrics(top)
-    sp = _mapping("tune.space", top.get("space"), ("depth", "level0_clusters", "shrink", "params"))
-    base = HierarchySpace()
-    space = HierarchySpace(
-        depth=_range("tune.space.depth", sp.get("depth"), True, base.depth),
-        level0_clusters=_range("tune.space.level0_clusters", sp.get("level0_clusters"), True,
-                               base.level0_clusters),
-        shrink=_range("tune.space.shrink", sp.get("shrink"), False, base.shrink))
-    if space.depth.min < 1:
-        raise ConfigError(f"tune.space.depth.min must be >= 1, got {space.depth.min}")
-    if space.level0_clusters.min < space.depth.max + 1:
-        raise ConfigError(
-            f"tune.space.level0_clusters.min must be >= depth.max + 1 = {space.depth.max + 1} "
-            f"so every level keeps >= 2 clusters, got {space.level0_clusters.min}")
-    if not 0 < space.shrink.min <= space.shrink.max < 1:
-        raise ConfigError("tune.space.shrink.min/max must satisfy 0 < min <= max < 1 "
-                          f"(K_l = r * K_(l-1)), got {space.shrink.min}..{space.shrink.max}")
-    params_raw = _mapping("tune.space.params", sp.get("params"), tuple(sp.get("params") or ()))
-    params = tuple((str(k), _param(str(k), v)) for k, v in params_raw.items())
-
-    sc = _mapping("tune.scheduler", top.get("scheduler"),
-                  ("name", "grace_period", "reduction_factor"))
-    scheduler = SchedulerSpec(
-        name=str(sc.get("name", "asha")),
-        grace_period=int(_number("tune.scheduler.grace_period", sc.get("grace_period", 3), True)),
-        reduction_factor=float(_number("tune.scheduler.reduction_factor",
-                                       sc.get("reduction_factor", 2.0))))
-    if scheduler.name not in ("asha", "fifo"):
-        raise ConfigError(f"tune.scheduler.name must be asha or fifo, got {scheduler.name!r}")
-    if scheduler.grace_period < 1 or scheduler.reduction_factor <= 1:
-        raise ConfigError("tune.scheduler.grace_period must be >= 1 and reduction_factor > 1, "
-                          f"got {scheduler.grace_period} and {scheduler.reduction_factor}")
-    se = _mapping("tune.searcher", top.get("searcher"),
-                  ("name", "seed", "n_startup_trials", "grid_points"))
-    searcher = SearcherSpec(
-        name=str(se.get("name", "tpe")), seed=int(_number("tune.searcher.seed", se.get("seed", 0),
-                                                          True)),
-        n_startup_trials=int(_number("tune.searcher.n_startup_trials",
-                                     se.get("n_startup_trials", 4), True)),
-        grid_points=int(_number("tune.searcher.grid_points", se.get("grid_points", 3), True)))
-    if searcher.name not in ("tpe", "random", "grid"):
-        raise ConfigError(f"tune.searcher.name must be tpe, random or grid, got {searcher.name!r}")
-    if searcher.n_startup_trials < 1 or searcher.grid_points < 2:
-        raise ConfigError("tune.searcher.n_startup_trials must be >= 1 and grid_points >= 2")
-    re_ = _mapping("tune.resources", top.get("resources"),
-                   ("workers_per_trial", "cpus_per_worker", "gpus_per_worker"))
-    resources = ResourceSpec(
-        workers_per_trial=int(_number("tune.resources.workers_per_trial",
-                                      re_.get("workers_per_trial", 1), True)),
-        cpus_per_worker=float(_number("tune.resources.cpus_per_worker",
-                                      re_.get("cpus_per_worker", 1.0))),
-        gpus_per_worker=int(_number("tune.resources.gpus_per_worker",
-                                    re_.get("gpus_per_worker", 0), True)))
-    if resources.workers_per_trial < 1 or resources.cpus_per_worker <= 0 \
-            or resources.gpus_per_worker not in (0, 1):
-        raise ConfigError("tune.resources: workers_per_trial must be >= 1, cpus_per_worker > 0 "
-                          f"and gpus_per_worker 0 or 1, got {resources}")
-    st = _mapping("tune.storage", top.get("storage"), ("url", "study_name"))
-    storage = StudyStorage(url=st.get("url"), study_name=st.get("study_name"))
-    if storage.url is not None and not (isinstance(storage.url, str) and (
-            "://" in storage.url or storage.url.startswith("journal:"))):
-        raise ConfigError("tune.storage.url must be an SQLAlchemy URL (sqlite:///x.db, "
-                          f"postgresql://...) or journal:<file>, got {storage.url!r}")
-    spec = TuneSpec(
-        metrics=metrics, modes=modes,
-        num_trials=int(_number("tune.num_trials", top.get("num_trials", 8), True)),
-        max_concurrent_trials=int(_number("tune.max_concurrent_trials",
-                                          top.get("max_concurrent_trials", 1), True)),
-        space=space, params=params, scheduler=scheduler, searcher=searcher,
-        resources=resources, storage=storage,
-        eval_max_train_samples=int(_number("tune.eval_max_train_samples",
-                                           top.get("eval_max_train_samples", 480), True)))
-    if spec.num_trials < 1 or spec.max_concurrent_trials < 1 or spec.eval_max_train_samples < 0:
-        raise ConfigError("tune.num_trials and tune.max_concurrent_trials must be >= 1 and "
-                          "tune.eval_max_train_samples >= 0")
+def tune_spec(cfg: ExperimentConfig) -> TuneConfig:
+    """The experiment's parsed ``tune:`` section, or a one-line error when it has none."""
+    spec = cfg.section(TUNE_SECTION)
+    if spec is None:
+        raise ConfigError(_NO_TUNE)
     return spec
+
+
+def parse_tune_spec(raw: Any) -> TuneConfig:
+    """A raw ``tune:`` mapping through the config loader (for callers holding only the dict)."""
+    if raw is None:
+        raise ConfigError(_NO_TUNE)
+    return build(TUNE_SECTION, TuneConfig, raw)

@@ -13,69 +13,75 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
-from hirl_ray.sweep.sampling import check_against, sizes_from_params
-from hirl_ray.sweep.space import TuneSpec, parse_tune_spec
-
-SWEEP_FILE = "sweep.json"
+from hirl_ray.data import dataset_level_names
+from hirl_ray.runs import LAYOUT, check_data
+from hirl_ray.sweep.sampling import Params, check_against, search_params, sizes_from_params
+from hirl_ray.sweep.space import TUNE_SECTION, TuneConfig, tune_spec
 
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """A validated sweep, ready to run."""
+    """A validated sweep, ready to run. ``params``: the searched keys' distributions."""
 
     cfg: ExperimentConfig
-    spec: TuneSpec
+    spec: TuneConfig
+    params: Params
     sweep_dir: Path
     num_samples: int
     level_names: tuple[str, ...]
     resume: bool
 
 
-def load_sweep(sweep_dir: str | Path) -> tuple[ExperimentConfig, TuneSpec, dict[str, Any]]:
+def load_sweep(sweep_dir: str | Path) -> tuple[ExperimentConfig, TuneConfig, dict[str, Any]]:
     """Base experiment, spec and saved facts of an existing sweep folder."""
-    path = Path(sweep_dir) / SWEEP_FILE
+    path = LAYOUT.sweep_file(sweep_dir)
     if not path.is_file():
-        raise ConfigError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE}); pass the "
+        raise ConfigError(f"{sweep_dir} is not a sweep folder (no {LAYOUT.sweep}); pass the "
                           "folder hirl-ray tune wrote (storage.path/storage.name)")
     saved = json.loads(path.read_text())
     cfg = from_dict(saved["config"], source=str(path))
-    return cfg, parse_tune_spec(cfg.extras.get("tune")), saved
+    return cfg, tune_spec(cfg), saved
 
 
 def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str] | None = None,
                resume: bool = False) -> SweepPlan:
-    """Every check of a sweep, before Ray starts (raises one-line ``ConfigError``)."""
-    from hirl_ray.api import _check_data
-    from hirl_ray.data import build_dataset
+    """Every check of a sweep, before Ray starts (raises one-line ``ConfigError``).
 
+    Label level names come from :func:`~hirl_ray.data.dataset_level_names`: for an image folder
+    (also on ``s3://``) they are fixed, so nothing is downloaded on the driver; the train split
+    is only counted.
+    """
     if isinstance(config_or_path, (str, Path)) and Path(config_or_path).is_dir():
         cfg, _, _ = load_sweep(config_or_path)  # resume from the sweep folder itself
         cfg = load_config(cfg, overrides) if overrides else cfg
     else:
         cfg = load_config(config_or_path, overrides)
-    if cfg.storage.path.startswith("s3://"):
-        raise ConfigError("storage.path=s3://… is not supported for sweeps yet; use a local "
-                          "folder (each trial's checkpoints go under it)")
-    spec = parse_tune_spec(cfg.extras.get("tune"))
+    if storage.is_remote(cfg.storage.path):
+        raise ConfigError(f"storage.path={cfg.storage.path}: sweeps write to a local folder "
+                          f"only (no {storage.scheme(cfg.storage.path)}:// yet); use a local "
+                          "path (each trial's checkpoints go under it)")
+    spec = tune_spec(cfg)
     if not cfg.hirl.enabled:
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
-    num_samples = _check_data(cfg)
-    level_names = tuple(build_dataset(cfg.data, "train").level_names)
-    check_against(spec, cfg, num_samples, level_names)
-    sweep_dir = Path(cfg.run_dir).expanduser().resolve()
-    started = (sweep_dir / "tune").exists()
+    params = search_params(spec, cfg)
+    num_samples = check_data(cfg)
+    level_names = dataset_level_names(cfg.data, "train")
+    check_against(spec, params, cfg, num_samples, level_names)
+    sweep_dir = Path(storage.resolve(cfg.run_dir))
+    started = LAYOUT.tune_dir(sweep_dir).exists()
     if resume and not started:
         raise ConfigError(f"nothing to resume in {sweep_dir}; run without --resume to start")
     if not resume and started:
         raise ConfigError(f"{sweep_dir} already holds a sweep; pass --resume (resume=True) to "
                           "continue it, or set storage.name to a new folder")
     if resume:
-        saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
-        if saved["config"].get("tune") != cfg.to_dict().get("tune"):
+        saved = json.loads(LAYOUT.sweep_file(sweep_dir).read_text())
+        if saved["config"].get(TUNE_SECTION) != cfg.to_dict().get(TUNE_SECTION):
             raise ConfigError(f"the tune: section differs from the one {sweep_dir} was started "
                               "with; resume with the same file, or start a new storage.name")
-    return SweepPlan(cfg, spec, sweep_dir, num_samples, level_names, resume)
+    return SweepPlan(cfg, spec, params, sweep_dir, num_samples, level_names, resume)
 
 
 def execute(plan: SweepPlan) -> dict[str, Any]:
@@ -84,18 +90,20 @@ def execute(plan: SweepPlan) -> dict[str, Any]:
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
-        (plan.sweep_dir / SWEEP_FILE).write_text(json.dumps(
+        LAYOUT.sweep_file(plan.sweep_dir).write_text(json.dumps(
             {"config": plan.cfg.to_dict(), "num_samples": plan.num_samples,
              "level_names": list(plan.level_names)}, indent=2))
-    base = {k: v for k, v in plan.cfg.to_dict().items() if k != "tune"}
-    _, interrupted = run_sweep(plan.spec, plan.sweep_dir, base, plan.num_samples, plan.resume)
+    base = {k: v for k, v in plan.cfg.to_dict().items() if k != TUNE_SECTION}
+    _, interrupted = run_sweep(plan.spec, plan.params, plan.sweep_dir, base, plan.num_samples,
+                               plan.resume)
     table = results_table(plan.sweep_dir, plan.spec, plan.cfg.train.epochs)
     if table.empty:
         raise RuntimeError(f"no trial of {plan.sweep_dir} reported a result; see "
-                           f"{plan.sweep_dir}/tune/*/error.txt")
-    table.to_csv(plan.sweep_dir / "results.csv", index=False)
+                           f"{LAYOUT.tune_dir(plan.sweep_dir)}/*/error.txt")
+    table.to_csv(LAYOUT.results_file(plan.sweep_dir), index=False)
     best = pick_best(table, plan.spec)
-    params = json.loads((plan.sweep_dir / "trials" / best["trial_id"] / "params.json").read_text())
+    trial_dir = LAYOUT.trial_dir(plan.sweep_dir, best["trial_id"])
+    params = json.loads(Path(LAYOUT.params_file(trial_dir)).read_text())
     params = params.get("grid_point", params)
     params["num_clusters"] = list(sizes_from_params(params))
     metrics = {k: best[k] for k in table.columns if "/" in k or k in ("epochs_trained",

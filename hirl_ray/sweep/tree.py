@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from hirl_ray.config import from_dict  # noqa: E402
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform  # noqa: E402
+from hirl_ray.eval.checkpoint import load_cluster_encoder  # noqa: E402
 from hirl_ray.eval.features import extract_features  # noqa: E402
 from hirl_ray.hierarchy import PrototypeHierarchy, latest_snapshot, load_hierarchy  # noqa: E402
+from hirl_ray.runs import LAYOUT  # noqa: E402
 from hirl_ray.train.checkpoint import read_meta  # noqa: E402
-from hirl_ray.eval.checkpoint import load_cluster_encoder  # noqa: E402
 
 MAX_PROTOTYPES = 16  # per level row; the largest clusters are shown when there are more
 
@@ -54,7 +55,7 @@ def nearest_images(features: torch.Tensor, centroids: torch.Tensor, n: int) -> n
 def prototype_tree(run_dir: str | Path, checkpoint: str | Path, path: Path,
                    per_prototype: int = 3) -> Path | None:
     """Draw the run's newest hierarchy snapshot; ``None`` when the run has none."""
-    snap = latest_snapshot(Path(run_dir) / "hierarchy")
+    snap = latest_snapshot(LAYOUT.hierarchy_dir(run_dir))
     if snap is None:
         return None
     h = load_hierarchy(snap)

@@ -15,23 +15,24 @@ additions:
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from hirl_ray import storage
 from hirl_ray.config import from_dict
-from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.logs import console, get_logger
+from hirl_ray.runs import LAYOUT, prepare_run
 from hirl_ray.sweep.sampling import fixed_overrides, trial_overrides
-from hirl_ray.sweep.space import TuneSpec
+from hirl_ray.sweep.space import TuneConfig
+from hirl_ray.train import ray_compat
+from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
 
-log = logging.getLogger(__name__)
-PG_FILE = "placement_group.txt"
+log = get_logger(__name__)
 
 
 class ReportToTune(TuneReportCallback):
@@ -71,20 +72,20 @@ def score_label_free(config: dict[str, Any], checkpoint: str, holder: Any = None
     return scorer(checkpoint)
 
 
-class RecordPlacementGroup(WorkerGroupCallback):
+class RecordPlacementGroup(ray_compat.worker_group_callback_base()):
     """Writes the worker group's placement group id to ``<run>/placement_group.txt``."""
 
     def __init__(self, run_dir: str) -> None:
-        self._path = Path(run_dir) / PG_FILE
+        self._path = LAYOUT.placement_group_file(run_dir)
 
     def after_worker_group_start(self, worker_group) -> None:
-        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        self._path.write_text(pg.id.hex())
+        pg = ray_compat.worker_group_placement_group(worker_group)
+        storage.write_text(self._path, pg.id.hex())
 
 
 def free_placement_group(run_dir: Path) -> bool:
     """Remove the run's recorded placement group if it still holds resources."""
-    path = run_dir / PG_FILE
+    path = Path(LAYOUT.placement_group_file(run_dir))
     if not path.is_file():
         return False
     pg_hex = path.read_text().strip()
@@ -92,8 +93,8 @@ def free_placement_group(run_dir: Path) -> bool:
     if state in (None, "REMOVED"):
         return False
     remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
-    print(f"[hirl_ray] freed the Train workers of ended trial {run_dir.name} "
-          "(placement group left behind, ray #54305)", flush=True)
+    log.info("freed the Train workers of ended trial %s (placement group left behind, "
+             "ray #54305)", run_dir.name)
     return True
 
 
@@ -106,7 +107,7 @@ class FreeStoppedTrials(ray.tune.Callback):
 
     def _free(self, trial) -> None:
         try:
-            if free_placement_group(self.sweep_dir / "trials" / trial.trial_id):
+            if free_placement_group(LAYOUT.trial_dir(self.sweep_dir, trial.trial_id)):
                 self.freed.append(trial.trial_id)
         except Exception as e:  # never let cleanup break the sweep
             log.warning("could not free resources of trial %s: %s", trial.trial_id, e)
@@ -118,22 +119,22 @@ class FreeStoppedTrials(ray.tune.Callback):
         self._free(trial)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneSpec, sweep_dir: str,
-              num_samples: int) -> None:
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneConfig,
+              sweep_dir: str, num_samples: int) -> None:
     """The Tune function: one HIRL fit with the sampled ``params`` (see module docstring).
 
     Each trial trains in ``<sweep>/trials/<trial_id>``; a restored sweep reruns an interrupted
     trial there, and :func:`train_on_ray` resumes it from its newest checkpoint.
     """
-    from hirl_ray.api import prepare_run
     from hirl_ray.train.ray_fit import train_on_ray
 
+    console()  # this process is a Tune worker: show our lines through Ray's log forwarding
     params = params.get("grid_point", params)  # the grid searcher nests its point
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = {**trial_overrides(spec, params), **fixed_overrides(spec, sweep_dir, trial_id)}
     cfg = from_dict(base, overrides)
-    run_dir = prepare_run(cfg)  # local: sweeps refuse s3:// storage up front
-    (Path(run_dir) / "params.json").write_text(json.dumps(params, indent=2, default=str))
+    run_dir = prepare_run(cfg)  # local: sweeps refuse remote storage up front
+    storage.write_text(LAYOUT.params_file(run_dir), json.dumps(params, indent=2, default=str))
     done = latest_checkpoint(run_dir)
     if done is not None and read_meta(done).epoch >= cfg.train.epochs:
         # Finished before an interruption but Tune never heard: report its last epoch.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hirl_ray import storage
+from hirl_ray.runs import LAYOUT
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -54,7 +55,7 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
         text = storage.read_text(storage.join(directory, META_FILE))
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory} is not a hirl_ray checkpoint (no {META_FILE}); "
-                                "pass a folder like <run>/train/epoch_0010") from None
+                                f"pass a folder like <run>/{LAYOUT.train}/epoch_0010") from None
     return CheckpointMeta(**json.loads(text))
 
 
@@ -65,12 +66,12 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_checkpoints(run_dir: str | Path) -> list[str]:
-    """Complete checkpoints under ``run_dir/train``, oldest first (by completed epoch).
+    """Complete checkpoints in the run's ``train/`` folder, oldest first (by completed epoch).
 
     A folder counts only when both files are there: a crash mid-write leaves none
     that could be mistaken for a checkpoint.
     """
-    root = storage.join(run_dir, "train")
+    root = LAYOUT.train_dir(run_dir)
     found = []
     for name, is_dir in storage.list_dir(root):
         if not is_dir:

@@ -9,7 +9,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -18,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig
+from hirl_ray.eval.checkpoint import evaluate_checkpoint
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
 from hirl_ray.hierarchy.memory import (
     RebuildMemory,
@@ -25,21 +25,12 @@ from hirl_ray.hierarchy.memory import (
     node_memory_bytes,
 )
 from hirl_ray.hierarchy.snapshot import latest_snapshot
+from hirl_ray.logs import get_logger
+from hirl_ray.runs import LAYOUT, FitResult
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
-from hirl_ray.eval.checkpoint import evaluate_checkpoint
 from hirl_ray.train.ray_worker import train_worker
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitOutcome:
-    """What the driver hands back to :func:`hirl_ray.fit`."""
-
-    metrics: dict[str, Any]
-    checkpoint_path: str
-    hierarchy_path: str | None
-    run_dir: str
+log = get_logger(__name__)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -73,20 +64,19 @@ def check_actor_node_memory(actor: Any, need: RebuildMemory, timeout_s: float = 
     ref = actor.__ray_call__.remote(_node_of_this_process)
     ready, _ = ray.wait([ref], timeout=timeout_s)
     if not ready:
-        print(f"[hirl_ray] warning: the prototype actor was not placed within {timeout_s:.0f}s; "
-              f"not checking its node's memory (a rebuild needs about {need.describe()})",
-              flush=True)
+        log.warning("the prototype actor was not placed within %.0fs; not checking its node's "
+                    "memory (a rebuild needs about %s)", timeout_s, need.describe())
         return
     node, available = ray.get(ref)
     warning = check_rebuild_memory(need, available, f"node {node}")
     if warning:
-        print(f"[hirl_ray] warning: {warning}", flush=True)
+        log.warning(warning)
 
 
 def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
                  callbacks: Sequence[Any] = (), rebuild_memory: RebuildMemory | None = None
                  ) -> None:
-    """Start the prototype actor and fit a TorchTrainer into ``run_dir/train``.
+    """Start the prototype actor and fit a TorchTrainer into the run's ``train/`` folder.
 
     Resumes from ``run_dir``'s newest checkpoint. ``callbacks`` go to Ray Train's
     ``RunConfig`` (Tune passes its report callback here). ``rebuild_memory``: when joining a
@@ -98,13 +88,12 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     if done_epochs >= cfg.train.epochs:
         return
     if resume is not None:
-        print(f"[hirl_ray] resuming from {resume} ({done_epochs}/{cfg.train.epochs} epochs)",
-              flush=True)
+        log.info("resuming from %s (%d/%d epochs)", resume, done_epochs, cfg.train.epochs)
     name = actor_name(f"{cfg.storage.name}-{os.getpid()}-{time.time_ns()}")
     actor = None
     if cfg.hirl.enabled:
         actor = start_actor(name, ActorSettings(
-            snapshot_dir=storage.join(run_dir, "hierarchy"), num_clusters=cfg.hirl.num_clusters,
+            snapshot_dir=LAYOUT.hierarchy_dir(run_dir), num_clusters=cfg.hirl.num_clusters,
             num_samples=num_samples, seed=cfg.train.seed, niter=cfg.hirl.kmeans_iters,
             nredo=cfg.hirl.kmeans_nredo, max_points_per_centroid=cfg.hirl.max_points_per_centroid,
             use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False,
@@ -118,7 +107,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus}),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str(run_dir), callbacks=list(callbacks),
+            name=LAYOUT.train, storage_path=str(run_dir), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             # Keep Ray Train's per-report INFO lines off the console; our one line per
@@ -137,38 +126,38 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
 
 
 def _say_actor_faiss(actor: Any, timeout_s: float = 30.0) -> None:
-    """Print which faiss build the prototype actor's node runs (faiss-cpu vs faiss-gpu)."""
+    """Log which faiss build the prototype actor's node runs (faiss-cpu vs faiss-gpu)."""
     try:
         where = ray.get(actor.status.remote(), timeout=timeout_s)["faiss"]
     except ray.exceptions.GetTimeoutError:  # e.g. an autoscaler still starting its node
-        print(f"[hirl_ray] prototype actor not placed within {timeout_s:.0f}s; training starts "
-              "and waits for it at the first rebuild", flush=True)
+        log.info("prototype actor not placed within %.0fs; training starts and waits for it "
+                 "at the first rebuild", timeout_s)
         return
-    print(f"[hirl_ray] prototype actor k-means: {where}", flush=True)
+    log.info("prototype actor k-means: %s", where)
 
 
-def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitOutcome:
+def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
     """Evaluate the newest checkpoint in a Ray task (on a GPU when training used one)."""
     final = latest_checkpoint(run_dir)
     if final is None:
-        raise RuntimeError(f"training finished without a checkpoint under {run_dir}/train")
-    hierarchy_dir = storage.join(run_dir, "hierarchy")
+        raise RuntimeError("training finished without a checkpoint under "
+                           f"{LAYOUT.train_dir(run_dir)}")
+    hierarchy_dir = LAYOUT.hierarchy_dir(run_dir)
     remote_eval = ray.remote(evaluate_checkpoint).options(
         num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
     device = "cuda" if cfg.train.use_gpu else "cpu"
     metrics = ray.get(remote_eval.remote(final, hierarchy_dir, device))
     metrics = {**{f"train/{k}": v for k, v in read_meta(final).metrics.items()}, **metrics}
-    storage.write_text(storage.join(run_dir, "metrics.json"),
-                       json.dumps(metrics, indent=2, default=float))
+    storage.write_text(LAYOUT.metrics_file(run_dir), json.dumps(metrics, indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)
-    return FitOutcome(metrics=metrics, checkpoint_path=str(final),
-                      hierarchy_path=snapshot, run_dir=run_dir)
+    return FitResult(metrics=metrics, checkpoint_path=str(final),
+                     hierarchy_path=snapshot, run_dir=run_dir)
 
 
 def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
-            rebuild_memory: RebuildMemory | None = None) -> FitOutcome:
+            rebuild_memory: RebuildMemory | None = None) -> FitResult:
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
     train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
-    print("[hirl_ray] evaluating the final checkpoint (kNN, clustering per level)…", flush=True)
+    log.info("evaluating the final checkpoint (kNN, clustering per level)…")
     return final_evaluation(cfg, run_dir)

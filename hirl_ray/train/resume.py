@@ -9,7 +9,6 @@ retries; a rank that still cannot read it fails the group, which Ray Train resta
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hirl_ray.logs import get_logger
 from hirl_ray.train.checkpoint import CheckpointMeta, load_state, read_meta
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 REGISTERED = "<ray-registered>"  # plan.checkpoint: Ray's registered checkpoint (not a path)
 

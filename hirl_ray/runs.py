@@ -1,0 +1,207 @@
+"""Run folders and run preparation, shared by :func:`hirl_ray.fit` and :func:`hirl_ray.tune`.
+
+:class:`RunLayout` is the one place that names what a run folder (``storage.path/
+storage.name``) and a sweep folder hold; code asks it for paths instead of spelling folder
+names. :func:`check_data`, :func:`prepare_run` and :func:`rebuild_memory` are the checks and
+decisions every run goes through before Ray starts; ``api`` and ``sweep`` both import them
+from here (nothing below ``api``/``cli``/``sweep`` calls them). :class:`FitResult` is what a
+fit hands back. No Ray here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hirl_ray import storage
+from hirl_ray.config import ConfigError, ExperimentConfig
+from hirl_ray.data import dataset_size
+from hirl_ray.hierarchy.memory import (
+    RebuildMemory,
+    check_rebuild_memory,
+    node_memory_bytes,
+    rebuild_estimate,
+)
+from hirl_ray.logs import get_logger
+from hirl_ray.methods import build_method
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Names of the files and folders in a run folder and in a sweep folder.
+
+    Run folder (local or remote, e.g. ``s3://``; paths are ``str``)::
+
+        config.yaml      the resolved experiment (resume refuses an incompatible one)
+        metrics.json     final evaluation of a fit
+        train/           Ray Train's run (``RunConfig.name``): checkpoints epoch_NNNN/
+        hierarchy/       prototype snapshots hierarchy_vNNNNNN.pt (+ .json origin)
+        params.json      a sweep trial's sampled values
+        placement_group.txt   a sweep trial's Train placement group (freed when it ends)
+
+    Sweep folder (local only; paths are :class:`~pathlib.Path`)::
+
+        sweep.json       base experiment, tune section, data size
+        optuna.db        the Optuna study (SQLite default)
+        tune/            Ray Tune's experiment (restorable), one folder per trial
+        trials/<id>/     each trial's run folder (the layout above)
+        results.csv      one row per trial
+        report/          ``hirl-ray report`` output
+    """
+
+    config: str = "config.yaml"
+    metrics: str = "metrics.json"
+    train: str = "train"
+    hierarchy: str = "hierarchy"
+    params: str = "params.json"
+    placement_group: str = "placement_group.txt"
+    sweep: str = "sweep.json"
+    optuna_db: str = "optuna.db"
+    tune: str = "tune"
+    trials: str = "trials"
+    results: str = "results.csv"
+    report: str = "report"
+
+    # ---- a run folder ----
+    def config_file(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.config)
+
+    def metrics_file(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.metrics)
+
+    def train_dir(self, run_dir: str | Path) -> str:
+        """Ray Train's run folder (its checkpoints are our ``epoch_NNNN`` folders)."""
+        return storage.join(run_dir, self.train)
+
+    def hierarchy_dir(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.hierarchy)
+
+    def params_file(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.params)
+
+    def placement_group_file(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.placement_group)
+
+    def run_of_checkpoint(self, checkpoint: str | Path) -> str | None:
+        """The run folder of ``<run>/train/epoch_NNNN``; ``None`` for a folder elsewhere."""
+        parent = str(checkpoint).rstrip("/").rpartition("/")[0]
+        run, _, name = parent.rpartition("/")
+        return run if name == self.train and run else None
+
+    # ---- a sweep folder (local) ----
+    def sweep_file(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.sweep
+
+    def optuna_file(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.optuna_db
+
+    def tune_dir(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.tune
+
+    def trials_dir(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.trials
+
+    def trial_dir(self, sweep_dir: str | Path, trial_id: str) -> Path:
+        return self.trials_dir(sweep_dir) / trial_id
+
+    def results_file(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.results
+
+    def report_dir(self, sweep_dir: str | Path) -> Path:
+        return Path(sweep_dir) / self.report
+
+
+LAYOUT = RunLayout()
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`hirl_ray.fit`.
+
+    metrics: final evaluation (``knn_acc/<level>``, ``nmi/<level>``, …) and the last
+    epoch's training metrics (``train/…``); checkpoint_path: the final checkpoint folder
+    (give it to :func:`hirl_ray.load_backbone`); hierarchy_path: newest prototype snapshot.
+    """
+
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    hierarchy_path: str | None
+    run_dir: str
+
+
+# Keys that change the network or the hierarchy's shape: a run folder trained with other
+# values cannot be resumed with these, so we refuse before touching it. The method's own
+# ``shape_keys`` are added per method.
+RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"),
+               ("method", "name"), ("hirl", "enabled"), ("hirl", "num_clusters"),
+               ("data", "name"), ("data", "image_size"),
+               ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
+
+
+def check_data(cfg: ExperimentConfig) -> int:
+    """Count the train split (an S3 image folder by listing it) and check sizes against it.
+
+    Returns the number of training samples. With a local Ray, also compares the rebuild's
+    memory estimate with this machine (warns, or raises when it cannot fit).
+    """
+    n = dataset_size(cfg.data, "train")
+    if cfg.train.batch_size > n:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training "
+                          f"samples of data.name={cfg.data.name!r}; lower it")
+    if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
+        raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
+                          f"training samples of data.name={cfg.data.name!r}; lower it")
+    if cfg.hirl.enabled and not os.environ.get("RAY_ADDRESS"):
+        # Local Ray: the prototype actor runs on this machine. When joining a cluster we cannot
+        # know its node yet; train_on_ray checks there once the actor is placed.
+        warning = check_rebuild_memory(rebuild_memory(cfg, n), node_memory_bytes(),
+                                       "this machine (local Ray)")
+        if warning:
+            log.warning(warning)
+    return n
+
+
+def rebuild_memory(cfg: ExperimentConfig, num_samples: int) -> RebuildMemory:
+    """Peak memory of one hierarchy rebuild in the prototype actor for this experiment."""
+    return rebuild_estimate(num_samples, feature_dim(cfg), cfg.hirl.num_clusters,
+                            num_shards=cfg.train.num_workers)
+
+
+def feature_dim(cfg: ExperimentConfig) -> int:
+    """Width of the clustered features (``hirl.embedding``), from a weightless (meta) build."""
+    with torch.device("meta"):
+        return build_method(cfg).embedding_dim(cfg.hirl.embedding)
+
+
+def prepare_run(cfg: ExperimentConfig) -> str:
+    """Check the run folder (local or remote) is writable and compatible; save the config.
+
+    Refuses to resume a run trained with an incompatible config, before touching it.
+    Returns the resolved run folder.
+    """
+    run_dir = storage.resolve(cfg.run_dir)
+    saved = LAYOUT.config_file(run_dir)
+    if storage.exists(saved):
+        old = yaml.safe_load(storage.read_text(saved)) or {}
+        new = cfg.to_dict()
+        method_keys = tuple(("method", k) for k in cfg.method.shape_keys)
+        for section, key in (*RESUME_KEYS, *method_keys):
+            a, b = old.get(section, {}).get(key), new[section][key]
+            if a != b:
+                raise ConfigError(
+                    f"{section}.{key}={b!r} differs from {a!r} used by the existing run in "
+                    f"{run_dir}; set storage.name to a new folder to start a new run")
+    else:
+        try:
+            storage.check_writable(run_dir)
+        except PermissionError as e:
+            raise ConfigError(str(e)) from None
+    storage.write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
