@@ -41,9 +41,12 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Human summary of the final metrics (grouped per label level)."""
+    from hirl_ray.eval.protocol import metric_prefixes
+
+    prefixes = tuple(f"{p}/" for p in metric_prefixes())
     lines = []
     for key in sorted(metrics):
-        if key.startswith(("knn_acc/", "nmi/", "ari/", "acc/", "hierarchy/")):
+        if key.startswith(prefixes):
             value = metrics[key]
             lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float)
                          else f"  {key:<34} {value}")

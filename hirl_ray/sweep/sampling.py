@@ -17,7 +17,8 @@ import numpy as np
 
 from hirl_ray.config import SECTIONS, ConfigError, ExperimentConfig, load_config
 from hirl_ray.runs import LAYOUT
-from hirl_ray.sweep.space import LEVEL_METRICS, Choice, Dist, TuneConfig
+from hirl_ray.eval.protocol import level_metric_prefixes
+from hirl_ray.sweep.space import Choice, Dist, TuneConfig
 
 #: ``tune.space.params`` entries resolved against the experiment: ``(config key, distribution)``.
 Params = tuple[tuple[str, Dist], ...]
@@ -200,9 +201,14 @@ def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_s
     if spec.space.level0_clusters.max > num_samples:
         raise ConfigError(f"tune.space.level0_clusters.max={int(spec.space.level0_clusters.max)} "
                           f"exceeds the {num_samples} training samples; lower it")
+    produced = level_metric_prefixes(cfg.eval.protocols)
     for m in spec.metrics:
         prefix, _, level = m.partition("/")
-        if prefix in LEVEL_METRICS and level not in level_names:
+        if "/" in m and prefix in level_metric_prefixes() and prefix not in produced:
+            raise ConfigError(f"tune.metric {m!r}: no protocol in eval.protocols "
+                              f"({', '.join(cfg.eval.protocols)}) reports {prefix}/…; add the "
+                              "protocol that does")
+        if prefix in produced and level not in level_names:
             have = ", ".join(level_names) or "none (unlabelled data: use label_free/silhouette)"
             raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")
     base = {"hirl.enabled": True, **fixed_overrides(spec, cfg.storage.path, "check")}

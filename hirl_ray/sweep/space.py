@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hirl_ray.config import ConfigError, ExperimentConfig, build, register_section
+from hirl_ray.eval.protocol import level_metric_prefixes
 
 TUNE_SECTION = "tune"
-LEVEL_METRICS = ("knn_acc", "nmi", "ari", "acc")
 LABEL_FREE_METRIC = "label_free/silhouette"
 WALL_TIME_METRIC = "time_total_s"
 MODES = ("min", "max")
@@ -270,12 +270,13 @@ class TuneConfig:
         if not metrics or len(metrics) > 3:
             raise ConfigError(f"{where}.metric must be a name or a list of 1-3 names, "
                               f"got {list(metrics)!r}")
+        level_metrics = level_metric_prefixes()  # every registered protocol's
         for m in metrics:
             prefix, _, level = m.partition("/")
             if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
-                    or (prefix in LEVEL_METRICS and level)):
+                    or (prefix in level_metrics and level)):
                 raise ConfigError(f"{where}.metric: unknown metric {m!r}; use "
-                                  f"<{'|'.join(LEVEL_METRICS)}>/<label level>, "
+                                  f"<{'|'.join(level_metrics)}>/<label level>, "
                                   f"{LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")
         if len(set(metrics)) != len(metrics):
             raise ConfigError(f"{where}.metric lists a metric twice: {list(metrics)}")

@@ -159,5 +159,5 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
     init_ray()
     train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
-    log.info("evaluating the final checkpoint (kNN, clustering per level)…")
+    log.info("evaluating the final checkpoint (%s)…", ", ".join(cfg.eval.protocols))
     return final_evaluation(cfg, run_dir)
