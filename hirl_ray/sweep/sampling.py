@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from hirl_ray.config import SECTIONS, ConfigError, ExperimentConfig, load_config
-from hirl_ray.runs import LAYOUT
 from hirl_ray.eval.protocol import level_metric_prefixes
+from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep.space import Choice, Dist, TuneConfig
 
 #: ``tune.space.params`` entries resolved against the experiment: ``(config key, distribution)``.
