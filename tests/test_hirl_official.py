@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hirl_ray.api import _feature_dim
-from hirl_ray.config import load_config
+from hirl_ray.config import TrainConfig, load_config
 from hirl_ray.methods import METHODS, HirlModel
-from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
+from hirl_ray.train.loop import StaticHierarchy, train_epoch
+from hirl_ray.train.optim import build_optimizer
 from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, make_method
 
 torch.set_num_threads(1)
@@ -99,7 +100,7 @@ def test_warmup_leaves_heads_bit_identical(optimizer, views) -> None:
     backbone_before = [p.detach().clone() for p in model.method.backbone.parameters()]
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay and momentum would move parameters with a zero gradient; warm-up must not.
-    opt = build_optimizer(params, optimizer, lr=0.1, weight_decay=0.1)
+    opt = build_optimizer(params, TrainConfig(optimizer=optimizer, lr=0.1, weight_decay=0.1))
     loader = [(views, torch.arange(BATCH))] * 3
     stats, step = train_epoch(
         model, loader, opt, epoch=0, step=0, total_steps=10, base_lr=0.1, warmup_steps=0,

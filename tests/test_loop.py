@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,7 +80,8 @@ def _count_host_reads(monkeypatch, steps: int) -> int:
 
     from hirl_ray.hierarchy import fit_hierarchy
     from hirl_ray.methods.hirl import HirlModel
-    from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
 
     torch.manual_seed(0)
     cfg = load_config(None, {"model.width": 8, "method.hidden_dim": 32, "method.proj_dim": 16,
@@ -88,7 +91,7 @@ def _count_host_reads(monkeypatch, steps: int) -> int:
     h = fit_hierarchy(torch.randn(40, dim), [6, 2], nredo=1, niter=5)
     batches = [([torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], torch.arange(8) + 8 * i)
                for i in range(steps)]
-    opt = build_optimizer(model.parameters(), "sgd", 0.01, 1e-4)
+    opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.01))
     reads = 0
 
     def counting(name):
@@ -117,7 +120,8 @@ def test_train_epoch_reads_losses_from_the_device_once_per_epoch(monkeypatch):
 
 def test_hierarchy_is_polled_on_the_same_global_steps_every_poll_every(monkeypatch):
     from hirl_ray.methods.hirl import HirlModel
-    from hirl_ray.train.loop import build_optimizer, train_epoch
+    from hirl_ray.train.loop import train_epoch
+    from hirl_ray.train.optim import build_optimizer
 
     class Counting:
         current = None
@@ -141,7 +145,8 @@ def test_hierarchy_is_polled_on_the_same_global_steps_every_poll_every(monkeypat
 
     monkeypatch.setattr(model, "forward", forward)
     source = Counting()
-    train_epoch(model, batches, build_optimizer(model.parameters(), "sgd", 0.01, 0.0), epoch=1,
+    opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.01))
+    train_epoch(model, batches, opt, epoch=1,
                 step=6, total_steps=20, base_lr=0.01, warmup_steps=0, hierarchy=source,
                 device=torch.device("cpu"), poll_every=4)
     # Global steps 6..12: polled before the steps 8 and 12 (the 3rd and 7th of this epoch).

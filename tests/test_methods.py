@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from hirl_ray.config import ExperimentConfig, HirlConfig, ModelConfig
-from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy, semantic_path_loss
+from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy
+from hirl_ray.losses import (
+    byol_loss,
+    info_nce_loss,
+    negative_cosine_loss,
+    nt_xent_loss,
+    semantic_path_loss,
+)
 from hirl_ray.methods import METHODS, HirlModel, SSLMethod, build_method
-from hirl_ray.methods.base import cosine_momentum
-from hirl_ray.methods.byol import byol_loss
-from hirl_ray.methods.mocov2 import info_nce_loss
-from hirl_ray.methods.simclr import nt_xent_loss
-from hirl_ray.methods.simsiam import negative_cosine_loss
 from hirl_ray.models import build_backbone
+from hirl_ray.schedules import cosine_momentum
 
 torch.set_num_threads(1)
 

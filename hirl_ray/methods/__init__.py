@@ -1,7 +1,9 @@
 """Self-supervised base methods and the HIRL wrapper (no Ray imports here).
 
 A method is one file here: its class (``@register_method``) with its ``Config`` dataclass next
-to it. Importing this package registers the built-in ones in ``hirl_ray.config.METHODS``.
+to it, its views (``transform``), parameter groups and step hooks; plus a preset experiment
+``experiments/methods/<name>.yaml``. Importing this package registers the built-in ones in
+``hirl_ray.config.METHODS``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hirl_ray.config import METHODS
-from hirl_ray.methods.base import MethodOutput, ProjectorConfig, SSLMethod, register_method
+from hirl_ray.methods.base import (
+    MethodOutput,
+    ProjectorConfig,
+    SSLMethod,
+    register_method,
+    split_weight_decay,
+)
 from hirl_ray.methods.byol import BYOL, BYOLConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
@@ -45,4 +53,5 @@ __all__ = [
     "StepOutput",
     "build_method",
     "register_method",
+    "split_weight_decay",
 ]
