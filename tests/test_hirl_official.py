@@ -10,10 +10,10 @@ from torch import nn
 
 from hirl_ray.api import _feature_dim
 from hirl_ray.config import TrainConfig, load_config
-from hirl_ray.methods import METHODS, HirlModel
+from hirl_ray.methods import HirlModel
 from hirl_ray.train.loop import StaticHierarchy, train_epoch
 from hirl_ray.train.optim import build_optimizer
-from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, make_method
+from tests.test_methods import BATCH, BUILTIN, FEAT_DIM, LEVELS, PROJ_DIM, make_method
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def views() -> list[torch.Tensor]:
     return [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_projection_is_the_online_projector_output_of_view_0(name, views) -> None:
     method = make_method(name).eval()  # eval: per-sample BN, so one view replays exactly
     out = method(views)
@@ -45,7 +45,7 @@ def test_projection_is_the_online_projector_output_of_view_0(name, views) -> Non
     assert out.embedding.shape == (BATCH, FEAT_DIM)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 @pytest.mark.parametrize(("embedding", "dim"), [("projection", PROJ_DIM), ("backbone", FEAT_DIM)])
 def test_cluster_embed_uses_the_target_network_where_one_exists(name, embedding, dim, views):
     method = make_method(name).eval()
