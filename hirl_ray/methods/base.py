@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from hirl_ray.config import METHODS, MethodConfig, check_positive
 from hirl_ray.data.transforms import MultiViewTransform, multi_view_transform
+from hirl_ray.models.backbones import build_backbone
 
 if TYPE_CHECKING:
-    from hirl_ray.config import DataConfig
+    from hirl_ray.config import DataConfig, ExperimentConfig
 
 #: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
 EMBEDDINGS = ("projection", "backbone")
@@ -56,6 +57,13 @@ class ProjectorConfig(MethodConfig):
 
     def check(self, where: str) -> None:
         check_positive(self, where, "proj_dim", "hidden_dim")
+
+
+def build_method(cfg: ExperimentConfig) -> SSLMethod:
+    """The backbone of ``cfg.model`` at ``cfg.data.image_size`` wrapped in ``cfg.method``."""
+    cls = METHODS.get(cfg.method.name)
+    backbone, feat_dim = build_backbone(cfg.model, cfg.data.image_size)
+    return cls(backbone, feat_dim, cfg.method)
 
 
 def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hirl_ray.losses.semantic_path import semantic_path_loss
-from hirl_ray.methods.base import SSLMethod
+from hirl_ray.methods.base import SSLMethod, build_method
 from hirl_ray.models.heads import mlp
 
 if TYPE_CHECKING:
@@ -83,8 +83,6 @@ class HirlModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HirlModel:
         """Backbone + method from ``cfg``, with one head per ``hirl.num_clusters`` level."""
-        from hirl_ray.methods import build_method
-
         h = cfg.hirl
         levels = len(h.num_clusters) if h.enabled else 0
         return cls(build_method(cfg), levels, h.weight, h.num_neg_paths, h.embedding,
