@@ -18,6 +18,7 @@ Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -39,7 +40,8 @@ def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
     from hirl_ray.hierarchy import fit_hierarchy
     from hirl_ray.methods import METHODS
     from hirl_ray.methods.hirl import HirlModel
-    from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
 
     steps, batch = (2, 16) if quick else (10, 128)
     out: dict[str, Any] = {}
@@ -55,7 +57,7 @@ def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
         views = torch.randn(n, 3, 32, 32)
         batches = [([views[i:i + batch], views[i:i + batch].flip(-1)],
                     torch.arange(i, i + batch) % 256) for i in range(0, n, batch)]
-        opt = build_optimizer(model.parameters(), "sgd", 0.03, 1e-4)
+        opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.03))
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         start = time.perf_counter()
         stats, _ = train_epoch(model, batches, opt, epoch=0, step=0, total_steps=steps,
@@ -96,8 +98,8 @@ def check_path_loss(device: torch.device, quick: bool) -> dict[str, Any]:
     """The path loss under autocast on ``device`` vs a float64 CPU re-statement."""
     import torch.nn.functional as F
 
-    from hirl_ray.hierarchy import PrototypeHierarchy, semantic_path_loss
-    from hirl_ray.hierarchy.loss import sample_negative_paths
+    from hirl_ray.hierarchy import PrototypeHierarchy
+    from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
 
     ks, dim, batch, m = ((60, 20, 5), 32, 16, 32) if quick else ((3000, 1000, 100), 128, 256, 1000)
     g = torch.Generator().manual_seed(0)

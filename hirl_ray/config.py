@@ -245,6 +245,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.05
     weight_decay: float = 1e-4
+    # None: constant weight_decay; a number: cosine from weight_decay to it (DINO: 0.04 -> 0.4).
+    weight_decay_end: float | None = None
     optimizer: str = "sgd"
     warmup_lr_epochs: int = 0
     num_workers: int = 2
@@ -262,6 +264,9 @@ class TrainConfig:
         check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
                        strict=False)
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise ConfigError(f"{where}.weight_decay_end must be >= 0 or null, "
+                              f"got {self.weight_decay_end}")
         gpus = self.gpus_per_worker
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(f"{where}.gpus_per_worker must be a fraction <= 1 or a whole "
@@ -318,16 +323,6 @@ class EvalConfig:
             if name not in self.protocols:
                 raise ConfigError(f"{where}.params.{name} is set but {name!r} is not in "
                                   f"{where}.protocols; add it there or drop the settings")
-
-    # Transitional: train/ray_worker.py still passes these to eval.report.evaluate; remove once
-    # it calls eval.report.run_evaluation(embed, cfg.eval, ...).
-    @property
-    def knn_k(self) -> int:
-        return self.params.get("knn", PROTOCOLS.get("knn").Config()).k
-
-    @property
-    def knn_temperature(self) -> float:
-        return self.params.get("knn", PROTOCOLS.get("knn").Config()).temperature
 
 
 @dataclass(frozen=True)

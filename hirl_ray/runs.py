@@ -80,6 +80,11 @@ class RunLayout:
         """Ray Train's run folder (its checkpoints are our ``epoch_NNNN`` folders)."""
         return storage.join(run_dir, self.train)
 
+    @staticmethod
+    def checkpoint_name(epoch: int) -> str:
+        """The folder of the checkpoint taken after ``epoch`` epochs (``epoch_0010``)."""
+        return f"epoch_{epoch:04d}"
+
     def hierarchy_dir(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.hierarchy)
 

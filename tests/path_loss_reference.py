@@ -1,6 +1,6 @@
 """A slow, literal re-statement of HIRL's semantic path loss (Eq. 4-6) for the tests.
 
-It shares no code with :mod:`hirl_ray.hierarchy.loss` on purpose: Python loops over samples,
+It shares no code with :mod:`hirl_ray.losses.semantic_path` on purpose: Python loops over samples,
 negative paths and levels, paths followed one parent hop at a time, float64 arithmetic, no
 clamping, and the official code's averages (``hirl/pipelines/hirl.py``):
 

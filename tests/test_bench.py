@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from experiments.bench import bench_memory, bench_path_loss, bench_peer, bench_rebuild, run
 from experiments.bench.common import write_json
-from hirl_ray.hierarchy import loss as loss_mod
-from hirl_ray.hierarchy.loss import semantic_path_loss
+from hirl_ray.losses import semantic_path as loss_mod
+from hirl_ray.losses.semantic_path import semantic_path_loss
 from tests.path_loss_reference import semantic_path_loss_reference
 
 MODULES = (

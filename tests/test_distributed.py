@@ -209,13 +209,14 @@ def test_batch_size_must_divide_by_num_workers() -> None:
 
 
 def test_seed_changes_the_order_a_worker_sees() -> None:
-    from hirl_ray.data import build_dataset
-    from hirl_ray.train.ray_worker import build_train_loader
+    from hirl_ray.data import build_dataset, multi_view_transform
+    from hirl_ray.train.steps import build_train_loader
 
     def order(seed: int, rank: int, epoch: int = 0) -> list[int]:
         cfg = load_config(None, {"train.seed": seed, "train.batch_size": 16,
                                  "data.train_per_class": 4})
-        loader = build_train_loader(cfg, build_dataset(cfg.data, "train"), rank, world=2)
+        loader = build_train_loader(cfg, build_dataset(cfg.data, "train"),
+                                    multi_view_transform(32), rank, world=2)
         loader.sampler.set_epoch(epoch)
         return [i for _, idx in loader for i in idx.tolist()]
 

@@ -416,6 +416,6 @@ def test_old_knn_keys_move_to_the_knn_protocol(caplog):
     with caplog.at_level(logging.WARNING, logger="hirl_ray"):
         cfg = load_config(None, {"eval.knn_k": 7, "eval.knn_temperature": 0.5}).eval
     assert cfg.params["knn"].k == 7 and cfg.params["knn"].temperature == 0.5
-    assert cfg.knn_k == 7 and cfg.knn_temperature == 0.5  # read by the Ray worker for now
+    assert (cfg.params["knn"].k, cfg.params["knn"].temperature) == (7, 0.5)
     assert "eval.knn_k is deprecated; use eval.params.knn.k" in caplog.text
     assert "knn" in PROTOCOLS

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hirl_ray.config import load_config
-from hirl_ray.methods import METHODS, HirlModel
+from hirl_ray.config import TrainConfig, load_config
+from hirl_ray.methods import HirlModel
 from hirl_ray.runs import feature_dim
-from hirl_ray.train.loop import StaticHierarchy, build_optimizer, train_epoch
-from tests.test_methods import BATCH, FEAT_DIM, LEVELS, PROJ_DIM, make_method
+from hirl_ray.train.loop import StaticHierarchy, train_epoch
+from hirl_ray.train.optim import build_optimizer
+from tests.test_methods import BATCH, BUILTIN, FEAT_DIM, LEVELS, PROJ_DIM, make_method
 
 torch.set_num_threads(1)
 
@@ -33,7 +34,7 @@ def views() -> list[torch.Tensor]:
     return [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_projection_is_the_online_projector_output_of_view_0(name, views) -> None:
     method = make_method(name).eval()  # eval: per-sample BN, so one view replays exactly
     out = method(views)
@@ -44,7 +45,7 @@ def test_projection_is_the_online_projector_output_of_view_0(name, views) -> Non
     assert out.embedding.shape == (BATCH, FEAT_DIM)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 @pytest.mark.parametrize(("embedding", "dim"), [("projection", PROJ_DIM), ("backbone", FEAT_DIM)])
 def test_cluster_embed_uses_the_target_network_where_one_exists(name, embedding, dim, views):
     method = make_method(name).eval()
@@ -99,7 +100,7 @@ def test_warmup_leaves_heads_bit_identical(optimizer, views) -> None:
     backbone_before = [p.detach().clone() for p in model.method.backbone.parameters()]
     params = [p for p in model.parameters() if p.requires_grad]
     # Weight decay and momentum would move parameters with a zero gradient; warm-up must not.
-    opt = build_optimizer(params, optimizer, lr=0.1, weight_decay=0.1)
+    opt = build_optimizer(params, TrainConfig(optimizer=optimizer, lr=0.1, weight_decay=0.1))
     loader = [(views, torch.arange(BATCH))] * 3
     stats, step = train_epoch(
         model, loader, opt, epoch=0, step=0, total_steps=10, base_lr=0.1, warmup_steps=0,

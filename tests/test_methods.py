@@ -4,20 +4,25 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from hirl_ray.config import ExperimentConfig, HirlConfig, ModelConfig
-from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy, semantic_path_loss
+from hirl_ray.config import ExperimentConfig, HirlConfig, ModelConfig, load_config
+from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy
+from hirl_ray.losses import (
+    byol_loss,
+    info_nce_loss,
+    negative_cosine_loss,
+    nt_xent_loss,
+    semantic_path_loss,
+)
 from hirl_ray.methods import METHODS, HirlModel, SSLMethod, build_method
-from hirl_ray.methods.base import cosine_momentum
-from hirl_ray.methods.byol import byol_loss
-from hirl_ray.methods.mocov2 import info_nce_loss
-from hirl_ray.methods.simclr import nt_xent_loss
-from hirl_ray.methods.simsiam import negative_cosine_loss
 from hirl_ray.models import build_backbone
+from hirl_ray.schedules import cosine_momentum
 
 torch.set_num_threads(1)
 
@@ -25,6 +30,8 @@ WIDTH, SIZE, BATCH, N = 16, 16, 32, 64
 FEAT_DIM = 4 * WIDTH
 PROJ_DIM = 32  # the heads' input and the prototypes' width (hirl.embedding=projection)
 LEVELS = (8, 4, 2)
+#: The library's methods (a test file may register a toy one: tests/test_extend_method.py).
+BUILTIN = tuple(n for n, cls in METHODS.items() if cls.__module__.startswith("hirl_ray."))
 
 
 def make_method(name: str, seed: int = 0, queue_size: int = 48) -> SSLMethod:
@@ -75,7 +82,7 @@ def train(model: HirlModel, views, index, h, steps: int) -> list[tuple[float, fl
 
 
 @pytest.mark.parametrize("hirl", [True, False], ids=["hirl", "plain"])
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_training_reduces_loss(name: str, hirl: bool, batch, hierarchy) -> None:
     views, index = batch
     losses = train(make_model(name, hirl), views, index, hierarchy if hirl else None, steps=20)
@@ -90,7 +97,7 @@ def test_training_reduces_loss(name: str, hirl: bool, batch, hierarchy) -> None:
 
 
 @pytest.mark.parametrize("hirl", [True, False], ids=["hirl", "plain"])
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_every_trainable_parameter_gets_a_gradient(name: str, hirl: bool, batch, hierarchy) -> None:
     views, index = batch
     # Heads exist in both cases; without a hierarchy they must still get a (zero) gradient,
@@ -147,38 +154,7 @@ def test_target_network_is_frozen_and_follows_ema(name, online, target, batch) -
     torch.testing.assert_close(gap(), m * before, rtol=1e-4, atol=1e-7)
 
 
-def test_nt_xent_matches_a_literal_loop() -> None:
-    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    terms = []
-    for i in range(10):
-        j = (i + 5) % 10
-        sims = [torch.exp(z[i] @ z[k] / 0.3) for k in range(10) if k != i]
-        terms.append(-torch.log(torch.exp(z[i] @ z[j] / 0.3) / sum(sims)))
-    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.3), torch.stack(terms).mean())
-
-
-def test_info_nce_matches_a_literal_loop() -> None:
-    q, k = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(4, 6), dim=1)
-    queue = F.normalize(torch.randn(9, 6), dim=1)
-    terms = []
-    for i in range(4):
-        pos = torch.exp(q[i] @ k[i] / 0.2)
-        terms.append(-torch.log(pos / (pos + sum(torch.exp(q[i] @ n / 0.2) for n in queue))))
-    torch.testing.assert_close(info_nce_loss(q, k, queue, 0.2), torch.stack(terms).mean())
-
-
-def test_regression_losses_values_and_stop_gradient() -> None:
-    p = torch.randn(6, 5)
-    torch.testing.assert_close(byol_loss(p, 3 * p), torch.tensor(0.0), atol=1e-6, rtol=0)
-    torch.testing.assert_close(byol_loss(p, -p), torch.tensor(4.0))
-    torch.testing.assert_close(negative_cosine_loss(p, 2 * p), torch.tensor(-1.0))
-    p, z = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
-    (byol_loss(p, z) + negative_cosine_loss(p, z)).backward()
-    assert z.grad is None and p.grad is not None  # stop-gradient on the target branch
-
-
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_method_loss_is_the_symmetric_loss_of_its_heads(name: str, batch) -> None:
     """Replay each forward by hand (eval mode, so BN is per-sample and MoCo doesn't enqueue)."""
     views, _ = batch
@@ -204,12 +180,6 @@ def test_method_loss_is_the_symmetric_loss_of_its_heads(name: str, batch) -> Non
             t = [m.target_projector(m.target_backbone(v)) for v in views]
             expected = byol_loss(p[0], t[1]) + byol_loss(p[1], t[0])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_byol_momentum_schedule_goes_from_base_to_one() -> None:
-    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
-    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
-    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
 
 
 def test_moco_queue_is_a_ring_buffer(batch) -> None:
@@ -247,7 +217,7 @@ def test_moco_more_keys_than_slots_keeps_the_newest(batch) -> None:
     torch.testing.assert_close(method.queue[:3], keys[13:])
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_embed_and_embedding_are_backbone_features(name: str, batch) -> None:
     views, index = batch
     model = make_model(name).eval()  # eval: BN running stats, so a single view gives equal output
@@ -261,7 +231,7 @@ def test_embed_and_embedding_are_backbone_features(name: str, batch) -> None:
     torch.testing.assert_close(out.embedding, expected)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_state_dict_round_trip_restores_targets_and_queue(name: str, batch, hierarchy) -> None:
     views, index = batch
     trained = make_model(name, seed=0)
@@ -305,7 +275,7 @@ def test_hierarchy_level_mismatch_is_reported(batch, hierarchy) -> None:
         model(views, index, hierarchy)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_build_method_and_from_config(name: str) -> None:
     cfg = ExperimentConfig(model=ModelConfig(width=WIDTH), method=METHODS[name].Config())
     method = build_method(cfg)
@@ -317,3 +287,94 @@ def test_build_method_and_from_config(name: str) -> None:
         hirl=HirlConfig(enabled=False),
     )
     assert len(HirlModel.from_config(off).heads) == 0
+
+
+# ---- protocol v2: presets, views, parameter groups --------------------------------------
+
+PRESETS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_method_has_a_preset_naming_all_its_keys(name: str) -> None:
+    path = PRESETS / f"{name}.yaml"
+    assert path.is_file(), f"add experiments/methods/{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    fields = {f.name for f in dataclasses.fields(METHODS[name].Config)}
+    assert set(raw["method"]) == fields, f"{path.name}: method section != {sorted(fields)}"
+    cfg = load_config(path)
+    assert type(cfg.method) is METHODS[name].Config and cfg.method.name == name
+    assert cfg.hirl.enabled and cfg.data.name == "synthetic"
+    # Runnable: the preset's model trains a step with its own views.
+    torch.manual_seed(0)
+    model = HirlModel.from_config(cfg)
+    tf = model.method.transform(cfg.data)
+    image = (torch.rand(3, 40, 40) * 255).to(torch.uint8)
+    views = [torch.stack(v) for v in zip(*[tf(image) for _ in range(4)], strict=True)]
+    opt = torch.optim.SGD([p for g in model.param_groups() for p in g["params"]], lr=0.01)
+    out = model(views, torch.arange(4))
+    out.loss.backward()
+    opt.step()
+    assert torch.isfinite(out.loss)
+
+
+def test_presets_folder_has_no_preset_without_a_method() -> None:
+    assert {p.stem for p in PRESETS.glob("*.yaml")} <= set(BUILTIN)
+
+
+def test_default_transform_is_two_simclr_views_drawn_as_before() -> None:
+    from hirl_ray.data.transforms import MultiViewTransform, multi_view_transform
+
+    cfg = load_config(None, {"data.image_size": 24})
+    tf = make_method("simclr").transform(cfg.data)
+    assert isinstance(tf, MultiViewTransform) and tf.num_views == 2
+    image = (torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(0)) * 255).byte()
+    torch.manual_seed(3)
+    views = tf(image)
+    torch.manual_seed(3)
+    before = multi_view_transform(24)(image)
+    assert [v.shape for v in views] == [(3, 24, 24)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(views, before, strict=True))
+    assert not torch.equal(views[0], views[1])
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_default_param_groups_hold_every_trainable_parameter_once(name: str) -> None:
+    model = make_model(name)
+    groups = model.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(trainable) and len(set(ids)) == len(ids)
+    assert len(groups) == 2  # the method's one group (as before) + the HIRL heads
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in model.heads.parameters()}
+    assert set(groups[0]) == {"params"}  # no special keys: train.weight_decay, scheduled lr
+    assert len(make_model(name, hirl=False).param_groups()) == 1
+
+
+def test_simsiam_fix_pred_lr_keeps_the_predictor_at_the_base_lr(batch) -> None:
+    from hirl_ray.config import TrainConfig
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=WIDTH), SIZE)
+    cls = METHODS["simsiam"]
+    method = cls(backbone, feat_dim, cls.Config(proj_dim=PROJ_DIM, hidden_dim=64,
+                                                fix_pred_lr=True))
+    model = HirlModel(method, 0)
+    groups = model.param_groups()
+    assert [g.get("fixed_lr", False) for g in groups] == [False, True]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.predictor.parameters()}
+    opt = build_optimizer(groups, TrainConfig(lr=0.2))
+    views, index = batch
+    train_epoch(model, [(views, index)] * 2, opt, epoch=0, step=50, total_steps=100, base_lr=0.2,
+                warmup_steps=0, hierarchy=StaticHierarchy(None), device=torch.device("cpu"))
+    encoder_lr, predictor_lr = (g["lr"] for g in opt.param_groups)
+    assert predictor_lr == 0.2 and encoder_lr < 0.11  # cosine at step 51 of 100
+    assert len(make_method("simsiam").param_groups()) == 1  # default off: as before
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_wrong_number_of_views_names_the_transform(name: str, batch) -> None:
+    views, _ = batch
+    with pytest.raises(ValueError, match=r"expects 2 views per image, got 3; its transform"):
+        make_method(name)([*views, views[0]])

@@ -68,3 +68,41 @@ def test_mlp_shapes_and_structure(num_layers: int, last_bn: bool) -> None:
         assert torch.allclose(out.mean(0), torch.zeros(7), atol=1e-5)
     with pytest.raises(ValueError):
         mlp(4, 4, 4, num_layers=0)
+
+
+class _Counting(nn.Module):
+    """Sums pixels per image (any size) and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return x.flatten(1).sum(1, keepdim=True)
+
+
+def test_forward_by_resolution_one_pass_per_group_in_view_order() -> None:
+    from hirl_ray.models import forward_by_resolution, resolution_groups
+
+    big = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    small = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    views = [*big, *small]
+    assert resolution_groups(views) == [(0, 2), (2, 5)]
+    net = _Counting()
+    out = forward_by_resolution(net, views)
+    assert net.calls == [4, 6]  # 2 global views in one pass, 3 local in another
+    expected = torch.cat([net.forward(v) for v in views])
+    torch.testing.assert_close(out, expected)
+    # Non-consecutive sizes stay separate groups, so the order is kept.
+    assert resolution_groups([big[0], small[0], big[1]]) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="at least one view"):
+        forward_by_resolution(net, [])
+
+
+def test_forward_by_resolution_of_two_equal_views_is_one_cat_pass() -> None:
+    from hirl_ray.models import forward_by_resolution
+
+    net, _ = build_backbone(ModelConfig(backbone="small_cnn", width=8), image_size=16)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    torch.testing.assert_close(forward_by_resolution(net, views), net(torch.cat(views)))

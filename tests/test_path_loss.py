@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hirl_ray.hierarchy import PrototypeHierarchy, semantic_path_loss
-from hirl_ray.hierarchy.loss import sample_negative_paths
+from hirl_ray.hierarchy import PrototypeHierarchy
+from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
 from tests.path_loss_reference import semantic_path_loss_reference
 
 AVERAGES = ("per_sample", "pooled")

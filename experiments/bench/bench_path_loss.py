@@ -6,7 +6,7 @@ normalises it, repeats the embeddings to the same shape, multiplies and sums ove
 :func:`official_path_loss` below is that formulation, written against our hierarchy type and
 our negative sampler, so both compute the same number on the same paths.
 
-Ours (:func:`hirl_ray.hierarchy.semantic_path_loss`) does one ``(B, K_l)`` matmul per level and
+Ours (:func:`hirl_ray.losses.semantic_path_loss`) does one ``(B, K_l)`` matmul per level and
 gathers path entries from it: memory ``O(B (K_l + M))`` instead of ``O(B M L D)``.
 
 Figures: forward+backward seconds (median, interleaved), peak memory allocated by the step
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from experiments.bench.common import cli, interleaved, median, peak_memory, result, target
-from hirl_ray.hierarchy import PrototypeHierarchy, semantic_path_loss
-from hirl_ray.hierarchy.loss import sample_negative_paths
+from hirl_ray.hierarchy import PrototypeHierarchy
+from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
 
 #: (name, batch, num_neg_paths, dim, clusters): the paper's ImageNet set-up per GPU, and a
 #: small one. ``quick`` keeps both shapes and only lowers the repeats.

@@ -18,7 +18,8 @@ from hirl_ray.config import ExperimentConfig, load_config
 from hirl_ray.data import ViewDataset, build_dataset, multi_view_transform
 from hirl_ray.hierarchy import PrototypeHierarchy, fit_hierarchy
 from hirl_ray.methods.hirl import HirlModel
-from hirl_ray.train.loop import HierarchySource, StaticHierarchy, build_optimizer, train_epoch
+from hirl_ray.train.loop import HierarchySource, StaticHierarchy, train_epoch
+from hirl_ray.train.optim import build_optimizer
 
 #: The default experiment's per-worker view of a step: global batch 128 over 2 workers.
 STEP_BATCH = 64
@@ -33,12 +34,7 @@ def build_model(cfg: ExperimentConfig, seed: int = 0) -> tuple[HirlModel, torch.
     """``HirlModel`` (heads only when ``hirl.enabled``) and its optimiser, seeded."""
     torch.manual_seed(seed)
     model = HirlModel.from_config(cfg)
-    opt = build_optimizer(
-        [p for p in model.parameters() if p.requires_grad],
-        cfg.train.optimizer,
-        cfg.train.lr,
-        cfg.train.weight_decay,
-    )
+    opt = build_optimizer(model.param_groups(), cfg.train)
     return model, opt
 
 

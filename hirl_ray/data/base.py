@@ -69,8 +69,9 @@ class TensorHierDataset(HierDataset):
 class ViewDataset(Dataset):
     """Wraps a :class:`HierDataset` with a transform: ``__getitem__(i) -> (transform(image), i)``.
 
-    With :func:`~hirl_ray.data.transforms.multi_view_transform` the first element is a list of
-    views, which ``torch.utils.data.default_collate`` batches into a list of (B, 3, S, S) tensors.
+    With a :class:`~hirl_ray.data.transforms.MultiViewTransform` (a method's ``transform``) the
+    first element is a list of views, which ``torch.utils.data.default_collate`` batches into a
+    list of ``(B, 3, H_i, W_i)`` tensors, one per view pipeline.
     """
 
     def __init__(self, base: HierDataset, transform: Callable[[Any], Any]) -> None:

@@ -2,11 +2,13 @@
 
 Both accept a uint8 CHW tensor (in-memory datasets) or a PIL image (imagefolder) and return
 plain float tensors normalised with ImageNet statistics. They are classes, not lambdas, so
-they pickle into DataLoader worker processes and Ray Train workers.
+they pickle into DataLoader worker processes and Ray Train workers. A method chooses its
+training views with :class:`MultiViewTransform` (one pipeline per view, ``SSLMethod.transform``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,39 +28,73 @@ def _to_rgb_image(image: Any) -> torch.Tensor:
     return out
 
 
-class MultiView:
-    """Apply one random augmentation pipeline ``num_views`` times: image -> list of views.
+def simclr_view(image_size: int, strength: float = 1.0,
+                scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
+    """One SimCLR/MoCo v2 view pipeline: uint8 ``Image`` -> normalised float ``(3, S, S)``.
 
-    Follows SimCLR (Chen et al., 2020) / MoCo v2 (Chen et al., 2020): RandomResizedCrop with
-    scale (0.2, 1), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale
-    with p=0.2, and Gaussian blur (p=0.5) only when ``image_size >= 96`` (blur destroys
-    small images; solo-learn and lightly also drop it for CIFAR-sized inputs).
+    RandomResizedCrop with ``scale`` (MoCo v2: (0.2, 1)), horizontal flip,
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2 (Chen et al. 2020, App. A),
+    and Gaussian blur (p=0.5) only when ``image_size >= 96`` (blur destroys small images;
+    solo-learn and lightly also drop it for CIFAR-sized inputs).
+
+    Args:
+        image_size: Output side length S.
+        strength: Scales the colour-jitter strengths (1.0 = the papers' values).
+        scale: Area range of the random crop (e.g. ``(0.05, 0.4)`` for DINO's local crops).
+    """
+    if image_size <= 0 or strength < 0:
+        raise ValueError(f"need image_size > 0, strength >= 0; got {image_size}, {strength}")
+    s = strength
+    ops: list[Any] = [
+        v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.1 * s))], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if image_size >= 96:
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+class MultiViewTransform:
+    """A list of per-view pipelines: image -> one view per pipeline, in order.
+
+    lightly's ``MultiViewTransform``: any number of views, each with its own augmentations and
+    resolution (e.g. DINO's 2 global 224-px crops plus 6 local 96-px crops). The image is turned
+    into a uint8 3-channel ``tv_tensors.Image`` once; each pipeline receives it and must return a
+    ``(3, H, W)`` tensor. Random draws happen pipeline by pipeline, in list order. A batch of
+    views collates (``default_collate``) into a list of ``(B, 3, H_i, W_i)`` tensors.
+
+    Args:
+        transforms: One picklable callable per view (it ships to DataLoader workers and Ray).
     """
 
-    def __init__(self, image_size: int, num_views: int = 2, strength: float = 1.0) -> None:
-        if image_size <= 0 or num_views <= 0 or strength < 0:
-            raise ValueError(
-                f"need image_size > 0, num_views > 0, strength >= 0; got "
-                f"{image_size}, {num_views}, {strength}"
-            )
-        self.num_views = num_views
-        s = strength
-        ops: list[Any] = [
-            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.1 * s))], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-        if image_size >= 96:
-            kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
-            ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
-        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-        self.pipeline = v2.Compose(ops)
+    def __init__(self, transforms: Sequence[Callable[[Any], torch.Tensor]]) -> None:
+        self.transforms = list(transforms)
+        if not self.transforms:
+            raise ValueError("MultiViewTransform needs at least one view pipeline")
+
+    @property
+    def num_views(self) -> int:
+        """Views produced per image."""
+        return len(self.transforms)
 
     def __call__(self, image: Any) -> list[torch.Tensor]:
         img = _to_rgb_image(image)
         # as_subclass: plain tensors collate and serialise like any other tensor.
-        return [self.pipeline(img).as_subclass(torch.Tensor) for _ in range(self.num_views)]
+        return [t(img).as_subclass(torch.Tensor) for t in self.transforms]
+
+
+class MultiView(MultiViewTransform):
+    """The same SimCLR/MoCo v2 pipeline (:func:`simclr_view`) ``num_views`` times."""
+
+    def __init__(self, image_size: int, num_views: int = 2, strength: float = 1.0) -> None:
+        if num_views <= 0:
+            raise ValueError(f"need num_views > 0, got {num_views}")
+        self.pipeline = simclr_view(image_size, strength)
+        super().__init__([self.pipeline] * num_views)
 
 
 class EvalTransform:

@@ -1,11 +1,12 @@
-"""HIRL prototype hierarchy: hierarchical k-means, the semantic path loss, snapshots.
+"""HIRL prototype hierarchy: hierarchical k-means and snapshots.
 
 Pure PyTorch/faiss; no Ray here. The Ray actor that rebuilds the hierarchy lives in
-``hirl_ray.hierarchy.actor`` and is deliberately not imported by this package.
+``hirl_ray.hierarchy.actor`` and is deliberately not imported by this package. The semantic
+path loss that scores embeddings against the hierarchy is in
+:mod:`hirl_ray.losses.semantic_path` (losses depend on the hierarchy, not the other way round).
 """
 
 from hirl_ray.hierarchy.kmeans import PrototypeHierarchy, fit_hierarchy
-from hirl_ray.hierarchy.loss import semantic_path_loss
 from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy, save_hierarchy
 
 __all__ = [
@@ -14,5 +15,4 @@ __all__ = [
     "latest_snapshot",
     "load_hierarchy",
     "save_hierarchy",
-    "semantic_path_loss",
 ]

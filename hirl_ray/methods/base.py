@@ -1,17 +1,29 @@
-"""The protocol every SSL method implements, plus the EMA helpers two of them share."""
+"""The protocol every SSL method implements, plus the EMA and parameter-group helpers.
+
+A method is a module with a loss (``forward``) that also supplies what the training loop
+needs from it (protocol v2): its input views (:meth:`SSLMethod.transform`), its optimiser
+parameter groups (:meth:`SSLMethod.param_groups`), a hook between backward and the
+optimiser step (:meth:`SSLMethod.after_backward`) and the target-network update
+(:meth:`SSLMethod.update_target`).
+"""
 
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hirl_ray.config import METHODS, MethodConfig, check_positive
+from hirl_ray.data.transforms import MultiViewTransform, multi_view_transform
+from hirl_ray.models.backbones import build_backbone
+
+if TYPE_CHECKING:
+    from hirl_ray.config import DataConfig, ExperimentConfig
 
 #: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
 EMBEDDINGS = ("projection", "backbone")
@@ -47,6 +59,13 @@ class ProjectorConfig(MethodConfig):
         check_positive(self, where, "proj_dim", "hidden_dim")
 
 
+def build_method(cfg: ExperimentConfig) -> SSLMethod:
+    """The backbone of ``cfg.model`` at ``cfg.data.image_size`` wrapped in ``cfg.method``."""
+    cls = METHODS.get(cfg.method.name)
+    backbone, feat_dim = build_backbone(cfg.model, cfg.data.image_size)
+    return cls(backbone, feat_dim, cfg.method)
+
+
 def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:
     """Class decorator: make ``method.name: <cls.name>`` build ``cls`` with ``cls.Config``."""
     if not cls.name:
@@ -58,20 +77,22 @@ def register_method(cls: type[SSLMethod]) -> type[SSLMethod]:
 class SSLMethod(nn.Module):
     """Base class: a backbone plus method-specific heads and loss.
 
-    Subclasses set ``name``, build their heads in ``__init__`` and implement ``forward``.
-    Target/key networks (BYOL, MoCo) are attributes with ``requires_grad=False``: the
-    optimiser and DDP ignore them, yet they sit in ``state_dict`` so checkpoints restore them.
+    Subclasses set ``name`` and ``Config``, build their heads in ``__init__`` and implement
+    ``forward`` and ``clustering_encoder``; they override :meth:`transform`,
+    :meth:`param_groups`, :meth:`after_backward` or :meth:`update_target` where they differ
+    from the defaults. Target/key networks (BYOL, MoCo) are attributes with
+    ``requires_grad=False``: the optimiser and DDP ignore them, yet they sit in ``state_dict``
+    so checkpoints restore them.
 
     Args:
         backbone: Maps ``(B, 3, H, W)`` to ``(B, feat_dim)``.
         feat_dim: Backbone output size.
-        cfg: The ``method:`` config section.
+        cfg: The ``method:`` config section (an instance of ``Config``).
     """
 
     name: ClassVar[str] = ""
     #: The ``method:`` section's dataclass (registered with the class, see ``register_method``).
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    num_views: ClassVar[int] = 2
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: Any) -> None:
         super().__init__()
@@ -79,11 +100,41 @@ class SSLMethod(nn.Module):
         self.feat_dim = feat_dim
         self.cfg = cfg
 
-    def _check_views(self, views: list[Tensor]) -> None:
-        if len(views) != self.num_views:
+    def transform(self, data_cfg: DataConfig) -> MultiViewTransform:
+        """The training views of one image: a list of per-view pipelines.
+
+        Default: two SimCLR/MoCo v2 views at ``data.image_size``
+        (:func:`~hirl_ray.data.transforms.multi_view_transform`). Multi-crop methods return
+        more pipelines, at other resolutions; :func:`~hirl_ray.models.forward_by_resolution`
+        runs the backbone once per resolution group.
+        """
+        return multi_view_transform(data_cfg.image_size)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups over the trainable (``requires_grad``) parameters.
+
+        Default: one group of all of them (every group gets ``train.weight_decay``). A group
+        may carry the keys :func:`~hirl_ray.train.optim.build_optimizer` and the loop read:
+        ``weight_decay`` (its own, e.g. 0 for norms and biases, see
+        :func:`split_weight_decay`), ``lr_scale`` (multiplies the scheduled lr),
+        ``fixed_lr: True`` (the lr stays at ``train.lr``: SimSiam's predictor) and
+        ``lars_exclude: True`` (LARS skips adaptation and weight decay).
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def after_backward(self, step: int, epoch: int) -> None:
+        """Hook after backward, before the optimiser step (real, unscaled gradients under AMP).
+
+        For gradient clipping or freezing a layer's gradient for the first epochs (DINO's
+        ``cancel_gradients_last_layer``). ``step`` is the global step, ``epoch`` 0-based.
+        No-op here.
+        """
+
+    def _check_views(self, views: list[Tensor], expected: int) -> None:
+        if len(views) != expected:
             raise ValueError(
-                f"{self.name} expects {self.num_views} views per image, "
-                f"got {len(views)}; set the data pipeline to produce {self.num_views}"
+                f"{self.name} expects {expected} views per image, got {len(views)}; "
+                f"its transform(data_cfg) must return {expected} view pipelines"
             )
 
     def forward(self, views: list[Tensor]) -> MethodOutput:  # pragma: no cover - abstract
@@ -141,10 +192,33 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return target
 
 
-def cosine_momentum(base: float, progress: float) -> float:
-    """BYOL's target decay τ = 1 − (1 − τ_base)·(cos(π·progress) + 1)/2 (Grill et al., Sec. 3.2)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+def split_weight_decay(named_params: Iterable[tuple[str, nn.Parameter]]
+                       ) -> list[dict[str, Any]]:
+    """Two groups: weights with weight decay, norms and biases without (and without LARS).
+
+    Biases and normalisation parameters (every parameter with ``ndim <= 1``) get no weight
+    decay and no LARS adaptation, as in BYOL (Grill et al. 2020, App. C.1) and SimCLR
+    (Chen et al. 2020, App. B.1); DINO's ``get_params_groups`` splits the same way. Frozen
+    parameters are left out.
+
+    Args:
+        named_params: E.g. ``module.named_parameters()``.
+
+    Returns:
+        ``[{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]``,
+        leaving out a group that would be empty.
+    """
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append({"params": decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
 
 
 @torch.no_grad()

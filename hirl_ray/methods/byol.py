@@ -6,25 +6,21 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hirl_ray.config import check_fraction
+from hirl_ray.losses.regression import byol_loss
 from hirl_ray.methods.base import (
     MethodOutput,
     ProjectorConfig,
     SSLMethod,
-    cosine_momentum,
     ema_update,
     frozen_copy,
     register_method,
 )
 from hirl_ray.models.heads import mlp
-
-
-def byol_loss(p: Tensor, z: Tensor) -> Tensor:
-    """‖p̄ − z̄‖² = 2 − 2·cos(p, z) with z the (no-grad) target projection (BYOL Eq. 2)."""
-    return (2.0 - 2.0 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+from hirl_ray.models.multicrop import forward_by_resolution
+from hirl_ray.schedules import cosine_momentum
 
 
 @dataclass(frozen=True)
@@ -63,14 +59,13 @@ class BYOL(SSLMethod):
 
     def forward(self, views: list[Tensor]) -> MethodOutput:
         """Each view's online prediction regresses the other view's target projection."""
-        self._check_views(views)
+        self._check_views(views, 2)
         b = views[0].shape[0]
-        x = torch.cat(views)
-        h = self.backbone(x)
+        h = forward_by_resolution(self.backbone, views)
         z = self.projector(h)
         p = self.predictor(z)
         with torch.no_grad():
-            zt = self.target_projector(self.target_backbone(x))
+            zt = self.target_projector(forward_by_resolution(self.target_backbone, views))
         loss = byol_loss(p[:b], zt[b:]) + byol_loss(p[b:], zt[:b])
         return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.methods.base import SSLMethod
+from hirl_ray.losses.semantic_path import semantic_path_loss
+from hirl_ray.methods.base import SSLMethod, build_method
 from hirl_ray.models.heads import mlp
 
 if TYPE_CHECKING:
@@ -82,8 +83,6 @@ class HirlModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HirlModel:
         """Backbone + method from ``cfg``, with one head per ``hirl.num_clusters`` level."""
-        from hirl_ray.methods import build_method
-
         h = cfg.hirl
         levels = len(h.num_clusters) if h.enabled else 0
         return cls(build_method(cfg), levels, h.weight, h.num_neg_paths, h.embedding,
@@ -108,8 +107,6 @@ class HirlModel(nn.Module):
         loss = out.loss
         semantic: Tensor | None = None
         if hierarchy is not None and len(self.heads) > 0:
-            from hirl_ray.hierarchy import semantic_path_loss
-
             if hierarchy.num_levels != len(self.heads):
                 raise ValueError(
                     f"hierarchy has {hierarchy.num_levels} levels but the model has "
@@ -133,6 +130,20 @@ class HirlModel(nn.Module):
             method_loss=out.loss.detach(),
             semantic_loss=None if semantic is None else semantic.detach(),
         )
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The method's parameter groups, plus one group of the HIRL heads (when any).
+
+        The heads' group has no special keys: like the official HIRL code, they train with the
+        base learning rate schedule and ``train.weight_decay``.
+        """
+        groups = self.method.param_groups()
+        heads = [p for p in self.heads.parameters() if p.requires_grad]
+        return groups + [{"params": heads}] if heads else groups
+
+    def after_backward(self, step: int, epoch: int) -> None:
+        """Forward to the method's hook (after backward, before the optimiser step)."""
+        self.method.after_backward(step, epoch)
 
     @torch.no_grad()
     def update_target(self, progress: float) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hirl_ray.config import check_fraction, check_positive
+from hirl_ray.losses.info_nce import info_nce_loss
 from hirl_ray.methods.base import (
     MethodOutput,
     ProjectorConfig,
@@ -27,29 +28,7 @@ from hirl_ray.methods.distributed import (
     world_size,
 )
 from hirl_ray.models.heads import mlp
-
-
-def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
-    """InfoNCE with a queue of negatives (MoCo Eq. 1).
-
-    L_q = −log exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_{k⁻ ∈ queue} exp(q·k⁻/τ)).
-
-    Args:
-        q: ``(B, D)`` L2-normalised queries.
-        k: ``(B, D)`` L2-normalised positive keys (no grad).
-        queue: ``(K, D)`` L2-normalised negative keys.
-        temperature: τ > 0.
-
-    Returns:
-        Scalar loss averaged over the batch.
-    """
-    q = q.float()
-    pos = (q * k.float()).sum(dim=1, keepdim=True)
-    neg = q @ queue.float().T
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    # The positive is always column 0.
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels)
+from hirl_ray.models.multicrop import forward_by_resolution
 
 
 @dataclass(frozen=True)
@@ -123,11 +102,13 @@ class MoCoV2(SSLMethod):
 
     def forward(self, views: list[Tensor]) -> MethodOutput:
         """Symmetric InfoNCE against the queue, then enqueue the keys of all ranks."""
-        self._check_views(views)
+        self._check_views(views, 2)
         b = views[0].shape[0]
-        h = self.backbone(torch.cat(views))
+        h = forward_by_resolution(self.backbone, views)
         z = self.projector(h)
         q = F.normalize(z, dim=1)
+        # The key batch is one tensor (shuffle-BN permutes it across ranks): MoCo's two views
+        # have one size.
         if self.training:
             all_k = self._keys_of_all_ranks(torch.cat(views))
             k = all_k[rank() * 2 * b:(rank() + 1) * 2 * b]

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hirl_ray.losses.regression import negative_cosine_loss
 from hirl_ray.methods.base import MethodOutput, ProjectorConfig, SSLMethod, register_method
 from hirl_ray.models.heads import mlp
-
-
-def negative_cosine_loss(p: Tensor, z: Tensor) -> Tensor:
-    """D(p, z) = −cos(p, stopgrad(z)) averaged over the batch (SimSiam Eq. 1 and 3)."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+from hirl_ray.models.multicrop import forward_by_resolution
 
 
 @dataclass(frozen=True)
 class SimSiamConfig(ProjectorConfig):
-    """``method:`` keys of SimSiam (the predictor's hidden width is ``hidden_dim // 4``)."""
+    """``method:`` keys of SimSiam (the predictor's hidden width is ``hidden_dim // 4``).
+
+    ``fix_pred_lr``: the predictor keeps the base learning rate ``train.lr`` instead of
+    following the cosine schedule (official ``--fix-pred-lr``; SimSiam Sec. 4.2: a predictor
+    whose lr does not decay trains slightly better). The official README uses it for its
+    batch-512 ImageNet pre-training; off by default here (the behaviour of earlier versions).
+    """
 
     name: str = "simsiam"
+    fix_pred_lr: bool = False
 
 
 @register_method
@@ -44,13 +46,23 @@ class SimSiam(SSLMethod):
 
     def forward(self, views: list[Tensor]) -> MethodOutput:
         """Symmetric negative cosine between each view's prediction and the other's projection."""
-        self._check_views(views)
+        self._check_views(views, 2)
         b = views[0].shape[0]
-        h = self.backbone(torch.cat(views))
+        h = forward_by_resolution(self.backbone, views)
         z = self.projector(h)
         p = self.predictor(z)
         loss = 0.5 * (negative_cosine_loss(p[:b], z[b:]) + negative_cosine_loss(p[b:], z[:b]))
         return MethodOutput(loss=loss, embedding=h[:b], projection=z[:b])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group, or with ``fix_pred_lr`` the encoder and the fixed-lr predictor."""
+        if not self.cfg.fix_pred_lr:
+            return super().param_groups()
+        predictor = {id(p) for p in self.predictor.parameters()}
+        encoder = [p for p in self.parameters() if p.requires_grad and id(p) not in predictor]
+        return [{"params": encoder},
+                {"params": [p for p in self.predictor.parameters() if p.requires_grad],
+                 "fixed_lr": True}]
 
     def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
         """The online encoder incl. projector, as official HIRL-SimSiam's ``forward_feature``."""

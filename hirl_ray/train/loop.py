@@ -1,12 +1,13 @@
-"""Framework-free training loop: schedules, one epoch of steps, rebuild timing.
+"""Framework-free training loop: one epoch of steps, rebuild timing.
 
 Nothing here knows about Ray. The worker function in ``ray_worker.py`` wires these
-pieces to Ray Train; tests and benchmarks drive them directly.
+pieces to Ray Train; tests and benchmarks drive them directly. The schedules are plain
+functions of progress (:mod:`hirl_ray.schedules`), the optimiser comes from the method's
+parameter groups (:mod:`hirl_ray.train.optim`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from torch import nn
 
 from hirl_ray.config import HirlConfig
 from hirl_ray.hierarchy import PrototypeHierarchy
+from hirl_ray.schedules import cosine_lr, weight_decay_schedule
+from hirl_ray.train.optim import apply_schedule
+
+__all__ = ["EpochStats", "HierarchySource", "StaticHierarchy", "cosine_lr", "format_epoch",
+           "is_rebuild_epoch", "train_epoch", "unwrap"]
 
 
 class HierarchySource(Protocol):
@@ -62,14 +68,6 @@ class EpochStats:
         return self.samples / max(self.seconds, 1e-9)
 
 
-def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """Linear warm-up then cosine decay to 0 (as in SimCLR/DINO)."""
-    if warmup_steps and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def is_rebuild_epoch(completed_epochs: int, hirl: HirlConfig, total_epochs: int) -> bool:
     """Whether the hierarchy is rebuilt once ``completed_epochs`` epochs are done.
 
@@ -81,14 +79,6 @@ def is_rebuild_epoch(completed_epochs: int, hirl: HirlConfig, total_epochs: int)
         return False
     since = completed_epochs - hirl.warmup_epochs
     return since >= 0 and since % hirl.rebuild_every_epochs == 0
-
-
-def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, as MoCo/SimCLR) or AdamW."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -115,7 +105,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 hierarchy: HierarchySource, device: torch.device,
                 scaler: torch.amp.GradScaler | None = None,
                 generator: torch.Generator | None = None,
-                max_steps: int | None = None, poll_every: int = 1) -> tuple[EpochStats, int]:
+                max_steps: int | None = None, poll_every: int = 1,
+                weight_decay: tuple[float, float | None] | None = None
+                ) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
@@ -123,6 +115,14 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     global steps divisible by ``poll_every`` (the same steps on every rank): while a rebuild is
     pending a poll is a cross-rank agreement whose result the host must read, so polling every
     step would stall a GPU's queue of work each step; a new hierarchy can wait a few steps.
+
+    Each step (DINO's ``train_one_epoch`` order): schedules → forward → backward → (AMP:
+    unscale) → ``after_backward(step, epoch)`` hook → optimiser step → ``update_target``.
+    The learning rate of every group follows :func:`~hirl_ray.schedules.cosine_lr` (times its
+    ``lr_scale``; ``fixed_lr`` groups keep ``base_lr``). ``weight_decay``:
+    ``(train.weight_decay, train.weight_decay_end)``; with an end value the groups without
+    their own weight decay follow a cosine between the two; ``None`` or no end value leaves
+    every group's weight decay as built.
     """
     model.train()
     inner = unwrap(model)
@@ -139,8 +139,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             hierarchy.poll()
         h = hierarchy.current
         lr = cosine_lr(base_lr, step, total_steps, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        wd = None
+        if weight_decay is not None and weight_decay[1] is not None:
+            wd = weight_decay_schedule(weight_decay[0], weight_decay[1], step / total_steps)
+        apply_schedule(optimizer, lr, base_lr, wd)
         views = [_to_device(v, device) for v in views]
         index = index.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=use_amp):
@@ -154,6 +156,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             # Warm-up: the heads were unused; leave them exactly as they are (official HIRL),
             # not moved by weight decay or momentum through their zero (DDP) gradients.
             inner.drop_head_grads()
+        if use_amp:
+            scaler.unscale_(optimizer)  # the hook sees (and may clip) the real gradients
+        if hasattr(inner, "after_backward"):
+            inner.after_backward(step, epoch)
         if use_amp:
             scaler.step(optimizer)
             scaler.update()

@@ -28,7 +28,8 @@ from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.logs import get_logger
 from hirl_ray.runs import LAYOUT, FitResult
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
-from hirl_ray.train.ray_worker import train_worker
+from hirl_ray.train.ray_worker import train_worker, worker_config
+from hirl_ray.train.steps import call_with_modules, registering_modules
 
 log = get_logger(__name__)
 
@@ -102,7 +103,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     gpus = {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "actor_name": name, "run_dir": run_dir},
+        train_loop_config=worker_config(cfg, name, run_dir),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus}),
@@ -143,10 +144,12 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
         raise RuntimeError("training finished without a checkpoint under "
                            f"{LAYOUT.train_dir(run_dir)}")
     hierarchy_dir = LAYOUT.hierarchy_dir(run_dir)
-    remote_eval = ray.remote(evaluate_checkpoint).options(
+    remote_eval = ray.remote(call_with_modules).options(
         num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
     device = "cuda" if cfg.train.use_gpu else "cpu"
-    metrics = ray.get(remote_eval.remote(final, hierarchy_dir, device))
+    # The task parses the checkpoint's config: import the modules registering its method first.
+    metrics = ray.get(remote_eval.remote(registering_modules(cfg), evaluate_checkpoint, final,
+                                         hierarchy_dir, device))
     metrics = {**{f"train/{k}": v for k, v in read_meta(final).metrics.items()}, **metrics}
     storage.write_text(LAYOUT.metrics_file(run_dir), json.dumps(metrics, indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)

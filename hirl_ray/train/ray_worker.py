@@ -1,9 +1,14 @@
-"""The Ray Train worker function: plain PyTorch with a few marked Ray touch-points."""
+"""The Ray Train worker function: plain PyTorch with a few marked Ray touch-points.
+
+:func:`train_worker` reads top to bottom like Ray's ``torch_fashion_mnist_example.py``: the
+``# Ray N:`` comments mark the places Ray is involved. Each named step is a small function:
+the Ray-free ones (data, model + optimiser, one epoch, metrics, online evaluation) in
+:mod:`hirl_ray.train.steps`, the ones that touch Ray (restore, DDP, hierarchy client and
+rebuilds, checkpoint + report) below.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
 import tempfile
 from typing import Any
 
@@ -11,15 +16,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch import nn
 
 from hirl_ray.config import ExperimentConfig, from_dict
-from hirl_ray.data import ViewDataset, build_dataset, eval_transform, multi_view_transform
+from hirl_ray.data import build_dataset
 from hirl_ray.eval.features import eval_mode, extract_features
-from hirl_ray.eval.report import evaluate
 from hirl_ray.hierarchy.actor import get_actor
-from hirl_ray.methods.distributed import broadcast_buffers, convert_sync_batchnorm, ddp_kwargs
+from hirl_ray.logs import console, get_logger
+from hirl_ray.methods.distributed import broadcast_buffers, ddp_kwargs
 from hirl_ray.methods.hirl import HirlModel
+from hirl_ray.runs import LAYOUT
 from hirl_ray.train.checkpoint import (
     CheckpointMeta,
     find_checkpoints,
@@ -27,46 +33,84 @@ from hirl_ray.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from hirl_ray.train.loop import (
-    StaticHierarchy,
-    build_optimizer,
-    format_epoch,
-    is_rebuild_epoch,
-    train_epoch,
-    unwrap,
-)
+from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_rebuild_epoch, unwrap
+from hirl_ray.train.ray_compat import quiet_train_report_logger
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
 from hirl_ray.train.resume import ResumePlan, agree_on_resume
+from hirl_ray.train.steps import (
+    WorkerRun,
+    build_feature_loader,
+    build_parts,
+    build_train_loader,
+    epoch_metrics,
+    import_modules,
+    is_eval_epoch,
+    online_eval,
+    online_eval_inputs,
+    registering_modules,
+    train_one_epoch,
+)
 
-#: Steps between checks for a finished rebuild (each is a host-synchronising agreement).
-HIERARCHY_POLL_EVERY = 8
+log = get_logger(__name__)
 
 
-def build_train_loader(cfg: ExperimentConfig, train_set, rank: int, world: int) -> DataLoader:
-    """This rank's loader of augmented views, ``train.batch_size / world`` per step.
+def train_worker(worker_cfg: dict[str, Any]) -> None:
+    """Train one DDP rank; rank 0 logs progress and writes checkpoints."""
+    console()
+    quiet_train_report_logger()
+    import_modules(worker_cfg.get("modules", ()))  # user-registered methods before parsing
+    cfg = from_dict(worker_cfg["config"])
+    ctx = ray.train.get_context()  # Ray 1: this worker's place in the group
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed + rank)
 
-    The DistributedSampler is ours, seeded with ``train.seed`` so the seed changes the data
-    order (``prepare_data_loader`` keeps a loader that already has one; the sampler it would
-    add uses seed 0). The sampler pads to equal shares and ``drop_last`` drops a ragged last
-    batch, so every rank takes the same number of equal-sized steps, which the gathers in
-    the methods need. ``set_epoch`` reshuffles each epoch.
+    train_set = build_dataset(cfg.data, "train")
+    run = build_parts(cfg, rank, world, device)  # HirlModel, its param groups -> optimiser
+    transform = run.model.method.transform(cfg.data)  # the method's views
+    run.loader = ray.train.torch.prepare_data_loader(  # Ray 2: device transfer
+        build_train_loader(cfg, train_set, transform, rank, world))
+    run.feature_loader = ray.train.torch.prepare_data_loader(
+        build_feature_loader(cfg, train_set, world), move_to_device=False)
+    actor = get_actor(worker_cfg["actor_name"]) if cfg.hirl.enabled else None  # Ray 3: actor
+    plan = restore(run, worker_cfg["run_dir"], actor)  # Ray 4: checkpoint after a failure
+    run.ddp = prepare_ddp(run.model)  # Ray 5: DDP
+    run.hierarchy = hierarchy_source(run, actor, plan)
+    first_rebuild(run, plan)
+
+    step, eval_inputs = plan.step, None
+    for epoch in range(plan.epoch, cfg.train.epochs):
+        stats, step = train_one_epoch(run, epoch, step)
+        if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
+            rebuild(run, epoch + 1)
+        metrics = epoch_metrics(run, stats, plan.attempt)
+        if rank == 0 and is_eval_epoch(epoch + 1, cfg):
+            # Rank 0 alone, between steps; the others wait in report() below.
+            eval_inputs = eval_inputs or online_eval_inputs(cfg, train_set)
+            metrics.update(online_eval(run, eval_inputs))
+        report(run, stats, step, metrics)  # Ray 6: every rank reports, rank 0 checkpoints
+
+
+# ---- what the driver sends: the config plus the modules that register its names -----------
+
+def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str) -> dict[str, Any]:
+    """``train_loop_config`` of the TorchTrainer running :func:`train_worker`."""
+    return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
+            "actor_name": actor_name, "run_dir": run_dir}
+
+
+# ---- restore and DDP ------------------------------------------------------------------------
+
+def restore(run: WorkerRun, run_dir: str, actor: Any) -> ResumePlan:
+    """Load the checkpoint every rank agreed on (if any) and return where training resumes.
+
+    Rank 0 picks the checkpoint (the newest loadable one, at least Ray's registered one)
+    and the hierarchy version; every rank loads that choice (:mod:`hirl_ray.train.resume`).
     """
-    views = ViewDataset(train_set, multi_view_transform(cfg.data.image_size))
-    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.train.seed)
-    return DataLoader(views, batch_size=cfg.train.batch_size // world, sampler=sampler,
-                      drop_last=True, num_workers=cfg.data.loader_workers,
-                      persistent_workers=cfg.data.loader_workers > 0,
-                      pin_memory=cfg.train.use_gpu)  # page-locked: async host→GPU copies
-
-
-def _restore(run_dir: str, rank: int, device: torch.device, actor: Any
-             ) -> tuple[dict | None, ResumePlan]:
-    """Rank 0 picks the checkpoint (the newest loadable one, at least Ray's registered one)
-    and the hierarchy version; every rank loads that choice (:mod:`hirl_ray.train.resume`)."""
 
     def registered() -> tuple[dict, CheckpointMeta] | None:
-        checkpoint = ray.train.get_checkpoint()  # Ray 1: restart after a failure
+        checkpoint = ray.train.get_checkpoint()  # restart after a failure
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
@@ -77,169 +121,91 @@ def _restore(run_dir: str, rank: int, device: torch.device, actor: Any
             return None
         return ray.get(actor.version_of_round.remote(attempt, round_id), timeout=120)
 
-    return agree_on_resume(rank, device, lambda: find_checkpoints(run_dir), registered,
-                           version_of_round)
-
-
-def say(message: str) -> None:
-    """One progress line to the driver's console.
-
-    Ray Train V2 patches ``print`` to tee into its logger, which shows every line
-    twice; writing to the real stdout shows it once.
-    """
-    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
-
-
-def _online_eval_loaders(cfg: ExperimentConfig, train_set) -> dict[str, Any]:
-    """Loaders and labels for rank 0's periodic kNN/NMI (features stay on CPU)."""
-    test_set = build_dataset(cfg.data, "test")
-    tf = eval_transform(cfg.data.image_size)
-    train_view: Any = ViewDataset(train_set, tf)
-    if cfg.eval.max_train_samples and cfg.eval.max_train_samples < len(train_set):
-        # A fixed, seeded subset: the same samples every epoch, comparable across trials.
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        keep = torch.randperm(len(train_set), generator=g)[:cfg.eval.max_train_samples]
-        train_view = Subset(train_view, keep.tolist())
-    return {"train_loader": DataLoader(train_view, batch_size=256),
-            "test_loader": DataLoader(ViewDataset(test_set, tf), batch_size=256),
-            "train_labels": train_set.labels, "test_labels": test_set.labels,
-            "level_names": train_set.level_names}
-
-
-def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
-    """Periodic evaluation every ``eval.every_epochs`` (0 = only the final one, on the driver)."""
-    every = cfg.eval.every_epochs
-    return every > 0 and (completed % every == 0 or completed == cfg.train.epochs)
-
-
-def _quiet_ray_train_reports() -> None:
-    """Ray 2.60 logs every report at INFO through ``logging.getLogger(__file__)`` of its
-    context module, so LoggingConfig(log_level) misses it; silence that logger only."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a later Ray moved it: nothing to silence
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def train_worker(worker_cfg: dict[str, Any]) -> None:
-    """Train one DDP rank; rank 0 prints progress and writes checkpoints."""
-    _quiet_ray_train_reports()
-    cfg = from_dict(worker_cfg["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-
-    train_set = build_dataset(cfg.data, "train")
-    per_worker = cfg.train.batch_size // world  # config.validate: divides evenly
-    loader = build_train_loader(cfg, train_set, rank, world)
-    loader = ray.train.torch.prepare_data_loader(loader)  # Ray 2: device transfer
-    plain = ViewDataset(train_set, eval_transform(cfg.data.image_size))
-    feature_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(plain, batch_size=max(per_worker, 256), shuffle=False,
-                   num_workers=cfg.data.loader_workers, pin_memory=cfg.train.use_gpu),
-        move_to_device=False)
-
-    model = HirlModel.from_config(cfg)  # hirl.embedding, hirl.neg_average, heads per level
-    if cfg.model.sync_bn and world > 1:
-        model = convert_sync_batchnorm(model, device.type)  # before DDP; same state_dict
-    model = model.to(device)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
-                                cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    actor = get_actor(worker_cfg["actor_name"]) if cfg.hirl.enabled else None
-    state, plan = _restore(worker_cfg["run_dir"], rank, device, actor)
+    state, plan = agree_on_resume(run.rank, run.device, lambda: find_checkpoints(run_dir),
+                                  registered, version_of_round)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-    start_epoch, step, version = plan.epoch, plan.step, plan.version
-    # Ray 3: DDP without per-forward buffer broadcast (it would overwrite every rank's MoCo
-    # queue with rank 0's; the queues agree anyway since keys are gathered).
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+    if run.rank == 0 and plan.epoch:
+        log.info("resumed at epoch %d (step %d, hierarchy v%d)", plan.epoch, plan.step,
+                 plan.version)
+    return plan
+
+
+def prepare_ddp(model: HirlModel) -> nn.Module:
+    """DDP without per-forward buffer broadcast.
+
+    It would overwrite every rank's MoCo queue with rank 0's; the queues agree anyway since
+    keys are gathered (:func:`~hirl_ray.methods.distributed.ddp_kwargs`).
+    """
     kwargs = ddp_kwargs()
     ddp = ray.train.torch.prepare_model(model, move_to_device=False,
                                         parallel_strategy_kwargs=kwargs)
     if "broadcast_buffers" in kwargs:  # older torch: buffers not synced at DDP init either
         broadcast_buffers(unwrap(ddp))
+    return ddp
 
-    if actor is not None:  # Ray 4: the prototype actor
-        hierarchy: HierarchyClient | StaticHierarchy = HierarchyClient(
-            actor, device, rank=rank, world_size=world, attempt=plan.attempt,
-            agree=dist_agree(device))
-        hierarchy.load(version)
-    else:
-        hierarchy = StaticHierarchy(None)
-    if rank == 0 and start_epoch:
-        say(f"[hirl_ray] resumed at epoch {start_epoch} (step {step}, hierarchy v{version})")
 
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = steps_per_epoch * cfg.train.warmup_lr_epochs
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+# ---- hierarchy: client and rebuild schedule -------------------------------------------------
 
-    def rebuild(completed: int) -> None:
-        assert isinstance(hierarchy, HierarchyClient)
-        with eval_mode(unwrap(ddp)):
-            feats, idx = extract_features(unwrap(ddp).cluster_embed, feature_loader, device,
-                                          amp=use_amp)  # hirl.embedding, target network
-        hierarchy.submit(completed, idx, feats)
-        if not cfg.hirl.async_rebuild:
-            hierarchy.wait()
+def hierarchy_source(run: WorkerRun, actor: Any, plan: ResumePlan
+                     ) -> HierarchyClient | StaticHierarchy:
+    """The prototype actor's client at the plan's version, or no hierarchy without HIRL."""
+    if actor is None:
+        return StaticHierarchy(None)
+    client = HierarchyClient(actor, run.device, rank=run.rank, world_size=run.world,
+                             attempt=plan.attempt, agree=dist_agree(run.device))
+    client.load(plan.version)
+    return client
 
-    if plan.pending_round is not None and isinstance(hierarchy, HierarchyClient):
+
+def rebuild(run: WorkerRun, completed: int) -> None:
+    """Send this rank's clustering features for round ``completed``; wait unless async."""
+    assert isinstance(run.hierarchy, HierarchyClient)
+    model = unwrap(run.ddp)
+    with eval_mode(model):
+        feats, idx = extract_features(model.cluster_embed, run.feature_loader, run.device,
+                                      amp=run.use_amp)  # hirl.embedding, target network
+    run.hierarchy.submit(completed, idx, feats)
+    if not run.cfg.hirl.async_rebuild:
+        run.hierarchy.wait()
+
+
+def first_rebuild(run: WorkerRun, plan: ResumePlan) -> None:
+    """Redo the round a checkpoint left pending, or build before step 0 without warm-up."""
+    if not isinstance(run.hierarchy, HierarchyClient):
+        return
+    if plan.pending_round is not None:
         # A round was being built when the checkpoint was taken; its features came from
         # this very model, so redoing it gives the round the group lost.
-        rebuild(plan.pending_round)
-    elif start_epoch == 0 and is_rebuild_epoch(0, cfg.hirl, cfg.train.epochs) \
-            and hierarchy.current is None:
-        rebuild(0)
-    eval_inputs: dict[str, Any] | None = None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        stats, step = train_epoch(ddp, loader, optimizer, epoch=epoch, step=step,
-                                  total_steps=total_steps, base_lr=cfg.train.lr,
-                                  warmup_steps=warmup_steps, hierarchy=hierarchy,
-                                  device=device, scaler=scaler, generator=generator,
-                                  poll_every=HIERARCHY_POLL_EVERY)
-        if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
-            rebuild(epoch + 1)
-        pending_round = hierarchy.pending_round if isinstance(hierarchy, HierarchyClient) \
-            else None
-        building = pending_round is not None
-        # The version the next epoch starts with (a sync rebuild may have just switched).
-        next_version = hierarchy.current.version if hierarchy.current is not None else 0
-        metrics = {"epoch": epoch + 1, "loss": stats.loss, "ssl_loss": stats.method_loss,
-                   "semantic_loss": stats.semantic_loss if stats.semantic_loss is not None
-                   else float("nan"), "hirl_active": stats.semantic_steps > 0,
-                   "hierarchy_version": stats.hierarchy_version, "lr": stats.lr,
-                   "hierarchy_building": building,
-                   # For a resume: which round to redo (-1: none) and by which attempt.
-                   "hierarchy_pending_round": -1 if pending_round is None else pending_round,
-                   "hierarchy_attempt": plan.attempt,
-                   "samples_per_s": stats.samples_per_s * world, "epoch_s": stats.seconds}
-        if rank == 0 and is_eval_epoch(epoch + 1, cfg):
-            # Rank 0 alone, between steps; the others wait in report() below. Keys as in
-            # the final evaluation, e.g. knn_acc/superclass.
-            eval_inputs = eval_inputs or _online_eval_loaders(cfg, train_set)
-            metrics.update(evaluate(unwrap(ddp).embed, device=device, k=cfg.eval.knn_k,
-                                    temperature=cfg.eval.knn_temperature, seed=cfg.train.seed,
-                                    **eval_inputs))
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                say(format_epoch(stats, cfg.train.epochs, world, hierarchy.current, building))
-                save_checkpoint(tmp, model_state=unwrap(ddp).state_dict(),
-                                optimizer_state=optimizer.state_dict(),
-                                scaler_state=scaler.state_dict() if scaler else None,
-                                meta=CheckpointMeta(epoch=epoch + 1, step=step,
-                                                    hierarchy_version=next_version,
-                                                    config=cfg.to_dict(), metrics=metrics))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            # Ray 5: every rank reports (a collective); rank 0 attaches the checkpoint.
-            ray.train.report(metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        rebuild(run, plan.pending_round)
+    elif plan.epoch == 0 and is_rebuild_epoch(0, run.cfg.hirl, run.cfg.train.epochs) \
+            and run.hierarchy.current is None:
+        rebuild(run, 0)
+
+
+# ---- checkpoint and report ------------------------------------------------------------------
+
+def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]) -> None:
+    """Rank 0 logs the epoch and writes a checkpoint; every rank reports (a collective)."""
+    hierarchy = run.hierarchy.current if run.hierarchy is not None else None
+    # The version the next epoch starts with (a sync rebuild may have just switched).
+    next_version = hierarchy.version if hierarchy is not None else 0
+    epoch = stats.epoch + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if run.rank == 0:
+            log.info(format_epoch(stats, run.cfg.train.epochs, run.world, hierarchy,
+                                  metrics["hierarchy_building"]))
+            save_checkpoint(tmp, model_state=unwrap(run.ddp).state_dict(),
+                            optimizer_state=run.optimizer.state_dict(),
+                            scaler_state=run.scaler.state_dict() if run.scaler else None,
+                            meta=CheckpointMeta(epoch=epoch, step=step,
+                                                hierarchy_version=next_version,
+                                                config=run.cfg.to_dict(), metrics=metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=LAYOUT.checkpoint_name(epoch))
+

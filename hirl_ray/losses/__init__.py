@@ -1,0 +1,19 @@
+"""Losses as pure functions of tensors: no modules, no state, no collectives.
+
+One concept per file (lightly's ``loss/`` layout); the methods call them and do any
+cross-rank gathering themselves.
+"""
+
+from hirl_ray.losses.info_nce import info_nce_loss
+from hirl_ray.losses.nt_xent import nt_xent_loss
+from hirl_ray.losses.regression import byol_loss, negative_cosine_loss
+from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
+
+__all__ = [
+    "byol_loss",
+    "info_nce_loss",
+    "negative_cosine_loss",
+    "nt_xent_loss",
+    "sample_negative_paths",
+    "semantic_path_loss",
+]
