@@ -4,8 +4,12 @@ Built-in protocols, registered on import: ``knn`` (:mod:`~hirl_ray.eval.knn`), `
 (:mod:`~hirl_ray.eval.clustering`), ``consistency`` (:mod:`~hirl_ray.eval.consistency`). A new
 protocol is one file here: see :mod:`hirl_ray.eval.protocol`.
 
-Pure PyTorch / numpy / faiss / scikit-learn; nothing here imports ``ray``.
+Pure PyTorch / numpy / faiss / scikit-learn; nothing here imports ``ray``. Importing the
+package imports every module in it, so a protocol file registers itself without an edit here.
 """
+
+import importlib
+import pkgutil
 
 # knn first: registration order is the order of level_metric_prefixes() (knn_acc, nmi, ...).
 from hirl_ray.eval import knn as _knn  # noqa: F401
@@ -22,6 +26,16 @@ from hirl_ray.eval.protocol import (
     run_protocols,
 )
 from hirl_ray.eval.report import evaluate, run_evaluation
+
+
+def _import_every_module() -> None:
+    """Import each module of this package, so a new file here registers itself (no edit here)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_module()
+
 
 __all__ = [
     "EvalInputs",

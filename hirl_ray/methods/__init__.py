@@ -2,11 +2,14 @@
 
 A method is one file here: its class (``@register_method``) with its ``Config`` dataclass next
 to it, its views (``transform``), parameter groups and step hooks; plus a preset experiment
-``experiments/methods/<name>.yaml``. Importing this package registers the built-in ones in
-``hirl_ray.config.METHODS``.
+``experiments/methods/<name>.yaml``. Importing this package imports every module in it, which
+registers the built-in methods in ``hirl_ray.config.METHODS``; the imports below only re-export.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from hirl_ray.config import METHODS
 from hirl_ray.methods.base import (
@@ -22,6 +25,16 @@ from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
 from hirl_ray.methods.simsiam import SimSiam, SimSiamConfig
+
+
+def _import_every_module() -> None:
+    """Import each module of this package, so a new file here registers itself (no edit here)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_module()
+
 
 __all__ = [
     "BYOL",
