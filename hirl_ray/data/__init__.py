@@ -68,6 +68,7 @@ def register_dataset(name: str, builder: Callable[[DataConfig, str], HierDataset
         return builder(cfg, split)
 
     build.needs_root = needs_root  # type: ignore[attr-defined]
+    build.__module__ = builder.__module__  # where a Ray worker imports it from
     build.level_names = level_names  # type: ignore[attr-defined]
     build.__qualname__ = f"dataset:{name}"
     DATASETS.register(name, build)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from hirl_ray.config import BACKBONES, METHODS, ExperimentConfig
+from hirl_ray.config import BACKBONES, DATASETS, METHODS, PROTOCOLS, ExperimentConfig
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
 from hirl_ray.eval.report import run_evaluation
 from hirl_ray.methods.distributed import convert_sync_batchnorm
@@ -59,14 +59,15 @@ class WorkerRun:
 # ---- the modules that register the config's names ----------------------------------------
 
 def registering_modules(cfg: ExperimentConfig) -> list[str]:
-    """Modules defining ``cfg``'s method (class and Config) and backbone.
+    """Modules defining ``cfg``'s method (class and Config), backbone, dataset and protocols.
 
     A Ray worker parses the config from a plain dict, so a method registered outside
     ``hirl_ray`` (a user's module, a test file) must be imported there first. The module must
     be importable in the worker (not ``__main__``): Ray's local workers share the driver's
     ``sys.path``; on a cluster, ship it (``runtime_env``).
     """
-    entries = (METHODS.get(cfg.method.name), type(cfg.method), BACKBONES.get(cfg.model.backbone))
+    entries = (METHODS.get(cfg.method.name), type(cfg.method), BACKBONES.get(cfg.model.backbone),
+               DATASETS.get(cfg.data.name), *(PROTOCOLS.get(p) for p in cfg.eval.protocols))
     out: list[str] = []
     for entry in entries:
         module = getattr(entry, "__module__", None)
