@@ -43,7 +43,9 @@ def test_fit_survives_losing_a_worker_node(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 def test_training_continues_when_the_prototype_actor_is_killed(ray_session, tmp_path):
     ray = ray_session
-    overrides = tiny_config(tmp_path, **{"train.epochs": 6})
+    # Synchronous rebuilds: every round after the restart must be built before training goes on,
+    # so the assertion below does not depend on how fast k-means runs on a loaded machine.
+    overrides = tiny_config(tmp_path, **{"train.epochs": 6, "hirl.async_rebuild": False})
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=hirl_ray.fit(None, overrides)))
     thread.start()
