@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from hirl_ray.config import PROTOCOLS, ConfigError
 from hirl_ray.eval.features import dedup_by_index, eval_mode, extract_features
@@ -129,6 +130,15 @@ class EvalInputs:
         seed: Seed for protocols that draw random numbers (k-means).
         hierarchy: The run's prototype tree, when one exists (its assignments index the
             train split).
+        encoder: Returns a FRESH trainable copy of the pretrained backbone on each call
+            (``(B, 3, H, W) -> (B, feat_dim)``), for protocols that train it (``finetune``,
+            ``semisup``); ``None`` when only features are available (e.g. ``evaluate`` on
+            a feature callable), and those protocols then raise a ConfigError.
+        feat_dim: Width of the encoder's output; ``None`` if unknown (probed on one image).
+        train_images: The train split as a dataset of ``(image, index)``: the evaluation
+            transform's (un-augmented, normalised) ``(3, H, W)`` tensor and the row of
+            ``train_labels`` it belongs to.
+        test_images: The test split, likewise (rows of ``test_labels``).
     """
 
     train_labels: np.ndarray
@@ -138,6 +148,10 @@ class EvalInputs:
     device: str = "cpu"
     seed: int = 0
     hierarchy: PrototypeHierarchy | None = None
+    encoder: Callable[[], nn.Module] | None = None
+    feat_dim: int | None = None
+    train_images: Dataset | None = None
+    test_images: Dataset | None = None
     _cache: dict[str, tuple[Tensor, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
