@@ -49,12 +49,16 @@ class EvalProtocol:
         level_metrics: Metric prefixes scored once per label level, as keys
             ``<prefix>/<level name>`` (e.g. ``("knn_acc",)`` gives ``knn_acc/superclass``).
         metric_prefixes: Prefixes of the protocol's other keys (``<prefix>/...``).
+        needs_backbone: The protocol trains the backbone itself (fine-tuning), so it needs a
+            checkpoint's backbone (``EvalInputs.encoder``); the online evaluation during
+            training (``eval.every_epochs``) skips such protocols.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
     level_metrics: ClassVar[tuple[str, ...]] = ()
     metric_prefixes: ClassVar[tuple[str, ...]] = ()
+    needs_backbone: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = type(self).Config() if config is None else config

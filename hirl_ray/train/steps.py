@@ -8,6 +8,7 @@ Nothing here imports Ray: the worker function calls these between its Ray touch-
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -189,7 +190,10 @@ def online_eval_inputs(cfg: ExperimentConfig, train_set) -> dict[str, Any]:
 
 def online_eval(run: WorkerRun, inputs: dict[str, Any]) -> dict[str, float]:
     """``eval.protocols`` on the current backbone (and hierarchy); keys as in the final
-    evaluation (``knn_acc/superclass``)."""
+    evaluation (``knn_acc/superclass``). Protocols that fine-tune the backbone
+    (``needs_backbone``) run only in the final evaluation: minutes each, and on a copy."""
     hierarchy = run.hierarchy.current if run.hierarchy is not None else None
-    return run_evaluation(unwrap(run.ddp).embed, run.cfg.eval, device=run.device,
+    frozen = tuple(p for p in run.cfg.eval.protocols if not PROTOCOLS.get(p).needs_backbone)
+    eval_cfg = dataclasses.replace(run.cfg.eval, protocols=frozen)
+    return run_evaluation(unwrap(run.ddp).embed, eval_cfg, device=run.device,
                           seed=run.cfg.train.seed, hierarchy=hierarchy, **inputs)
