@@ -96,15 +96,16 @@ def embedding_plot(features: np.ndarray | torch.Tensor, labels: np.ndarray,
                                                           replace=False))
         x, y = x[keep], y[keep]
     xy = project_2d(x, method, seed)
+    size = float(np.clip(3000.0 / max(1, len(xy)), 3.0, 25.0))  # visible dots, few or many
     panels = list(range(y.shape[1])) or [None]
     fig = _figure(4.2 * len(panels), 4.0)
     for i, level in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         if level is None:
-            ax.scatter(xy[:, 0], xy[:, 1], s=4, c="#1f77b4", alpha=0.6, linewidths=0)
+            ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#1f77b4", alpha=0.6, linewidths=0)
             ax.set_title("unlabelled", fontsize=9)
         else:
-            _scatter_by_label(ax, xy, y[:, level])
+            _scatter_by_label(ax, xy, y[:, level], size)
             ax.set_title(f"coloured by {level_names[level]} "
                          f"({len(np.unique(y[y[:, level] >= 0, level]))} labels)", fontsize=9)
         ax.set_xticks([])
@@ -114,22 +115,22 @@ def embedding_plot(features: np.ndarray | torch.Tensor, labels: np.ndarray,
     return _save(fig, path)
 
 
-def _scatter_by_label(ax, xy: np.ndarray, y: np.ndarray) -> None:
+def _scatter_by_label(ax, xy: np.ndarray, y: np.ndarray, size: float) -> None:
     from matplotlib import colormaps
 
     missing = y < 0
     if missing.any():
-        ax.scatter(xy[missing, 0], xy[missing, 1], s=4, c="#bbbbbb", linewidths=0)
+        ax.scatter(xy[missing, 0], xy[missing, 1], s=size, c="#bbbbbb", linewidths=0)
     classes = np.unique(y[~missing])
     cmap = colormaps["tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20
                      else "turbo"]
     for j, c in enumerate(classes):
         sel = y == c
         color = cmap(j) if len(classes) <= 20 else cmap(j / max(1, len(classes) - 1))
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=5, color=color, alpha=0.7, linewidths=0,
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, alpha=0.7, linewidths=0,
                    label=str(c))
     if 0 < len(classes) <= 20:
-        ax.legend(fontsize=6, markerscale=2, ncol=2 if len(classes) > 10 else 1,
+        ax.legend(fontsize=6, markerscale=max(1.0, 12.0 / size), ncol=2 if len(classes) > 10 else 1,
                   loc="best", frameon=False)
 
 
