@@ -14,9 +14,16 @@ import hirl_ray.models  # noqa: E402, F401
 
 # The tune: section's dataclasses (no Ray, no Optuna) register with hirl_ray.config.
 import hirl_ray.sweep.space  # noqa: E402, F401
-from hirl_ray.api import FitResult, TuneResult, fit, load_backbone, tune  # noqa: E402
+from hirl_ray.api import (  # noqa: E402
+    FitResult,
+    TuneResult,
+    evaluate,
+    fit,
+    load_backbone,
+    tune,
+)
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 
-__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "TuneResult", "fit", "load_backbone",
-           "load_config", "tune"]
+__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "TuneResult", "evaluate", "fit",
+           "load_backbone", "load_config", "tune"]
 __version__ = "0.1.0"

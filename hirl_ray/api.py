@@ -1,19 +1,22 @@
-"""Public Python API: ``hirl_ray.fit``, ``hirl_ray.tune`` and ``hirl_ray.load_backbone``."""
+"""Public Python API: ``hirl_ray.fit``, ``hirl_ray.evaluate``, ``hirl_ray.tune`` and
+``hirl_ray.load_backbone``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hirl_ray.config import ExperimentConfig, load_config
-from hirl_ray.eval.checkpoint import load_backbone
+from hirl_ray.config import DataConfig, ExperimentConfig, load_config
+from hirl_ray.eval.checkpoint import CheckpointEvaluation, load_backbone, run_checkpoint_evaluation
 from hirl_ray.hierarchy.faiss_build import check_faiss_install
-from hirl_ray.logs import console
-from hirl_ray.runs import FitResult, check_data, prepare_run, rebuild_memory
+from hirl_ray.logs import console, get_logger
+from hirl_ray.runs import LAYOUT, FitResult, check_data, prepare_run, rebuild_memory
 
-__all__ = ["FitResult", "TuneResult", "fit", "load_backbone", "prepare_run", "tune"]
+__all__ = ["FitResult", "TuneResult", "evaluate", "fit", "load_backbone", "prepare_run", "tune"]
+
+log = get_logger(__name__)
 
 
 def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None = None,
@@ -37,6 +40,67 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
 
     need = rebuild_memory(cfg, num_samples) if cfg.hirl.enabled else None
     return run_fit(cfg, run_dir, num_samples, rebuild_memory=need)
+
+
+def evaluate(checkpoint: str | Path,
+             data: Mapping[str, Any] | DataConfig | None = None,
+             protocols: str | Sequence[str] | None = None,
+             overrides: Mapping[str, Any] | Iterable[str] | None = None,
+             device: str = "cpu",
+             plots: str | Path | None = None) -> dict[str, float]:
+    """Evaluate a trained backbone with the evaluation protocols (no Ray).
+
+    Args:
+        checkpoint: A checkpoint folder or a run folder (its newest checkpoint); local or
+            ``s3://``.
+        data: A ``data:`` mapping or :class:`~hirl_ray.config.DataConfig` to evaluate on
+            another dataset (default: the run's). A mapping that names another dataset starts
+            from the defaults but keeps the run's ``image_size``; one without ``name`` changes
+            only the keys it gives.
+        protocols: Names in ``eval.protocols`` order (default: the run's ``eval.protocols``).
+        overrides: Protocol settings, ``{"eval.params.knn.k": 10}`` or ``["knn.k=10"]``.
+        device: Where the backbone runs (``"cpu"``, ``"cuda"``).
+        plots: A folder to write PNGs to: 2-D embeddings (PCA, t-SNE) of the test features
+            coloured per label level, per-level clustering and accuracy bars, and the run's
+            prototype tree when it has one.
+
+    Returns:
+        Flat ``{key: value}`` metrics of every protocol (``knn_acc/<level>``, ``nmi/<level>``,
+        …), the keys of a fit's ``metrics.json``.
+
+    Features of both splits are extracted once and shared by all protocols; the run's
+    prototype hierarchy (``consistency``) is used when evaluating on the run's own data.
+    """
+    return evaluate_run(checkpoint, data, protocols, overrides, device, plots)[0].flat_metrics
+
+
+def evaluate_run(checkpoint: str | Path,
+                 data: Mapping[str, Any] | DataConfig | None = None,
+                 protocols: str | Sequence[str] | None = None,
+                 overrides: Mapping[str, Any] | Iterable[str] | None = None,
+                 device: str = "cpu",
+                 plots: str | Path | None = None) -> tuple[CheckpointEvaluation, list[Path]]:
+    """:func:`evaluate`, returning the whole evaluation (metrics per protocol, config, inputs)
+    and the plot files written (what ``hirl-ray eval`` prints)."""
+    from hirl_ray.eval.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    run_dir = LAYOUT.run_of_checkpoint(path)
+    hierarchy_dir = LAYOUT.hierarchy_dir(run_dir) if run_dir else None
+    result = run_checkpoint_evaluation(path, data, protocols, overrides, device=device,
+                                       hierarchy_dir=hierarchy_dir)
+    written: list[Path] = []
+    if plots is not None:
+        from hirl_ray.eval.plots import write_plots
+
+        written = write_plots(result.inputs, result.flat_metrics, plots,
+                              title=result.config.data.name)
+        if run_dir is not None:
+            from hirl_ray.sweep.tree import prototype_tree  # matplotlib; no Ray
+
+            tree = prototype_tree(run_dir, path, Path(plots) / "prototype_tree.png")
+            written += [tree] if tree is not None else []
+    return result, written
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

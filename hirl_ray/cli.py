@@ -6,9 +6,14 @@ import argparse
 import json
 import sys
 
-from hirl_ray.config import ConfigError
+from hirl_ray import storage
+from hirl_ray.config import ConfigError, parse_override
 from hirl_ray.logs import console
 from hirl_ray.runs import LAYOUT
+
+#: ``hirl-ray eval`` writes its metrics here, in the run folder (or the checkpoint folder
+#: outside the run layout); ``metrics.json`` stays the fit's own final evaluation.
+EVAL_METRICS = "eval_metrics.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,10 +23,20 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("config", nargs="?", default=None,
                      help="experiment YAML (default: the embedded default experiment)")
     fit.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5")
-    ev = sub.add_parser("eval", help="evaluate a checkpoint or run folder (kNN, NMI per level)")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint or run folder with the eval "
+                        "protocols (kNN, clustering per level, …), optionally with plots")
     ev.add_argument("checkpoint",
                     help=f"a run folder or one of its {LAYOUT.train}/epoch_* folders")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("overrides", nargs="*",
+                    help="data.key=value (evaluate on other data) or eval.params.<protocol>."
+                         "<key>=value, e.g. data.name=digits eval.params.knn.k=10")
+    ev.add_argument("--protocols", default=None,
+                    help="comma-separated protocols (default: the run's eval.protocols)")
+    ev.add_argument("--plots", default=None, metavar="DIR",
+                    help="write PNGs there: embeddings, per-level bars, prototype tree")
+    ev.add_argument("--out", default=None,
+                    help=f"metrics JSON (default: <run>/{EVAL_METRICS})")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
     tu = sub.add_parser("tune", help="search hierarchy depth/cluster sizes (Optuna + ASHA)")
     tu.add_argument("config", help="experiment YAML with a tune: section (or, with --resume, "
                     "a sweep folder)")
@@ -72,9 +87,74 @@ def _tune_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_overrides(items: list[str]) -> tuple[dict | None, dict]:
+    """``data.*`` items → the ``data`` mapping; the others (``eval.params.*``) → overrides."""
+    data, params = {}, {}
+    for item in items:
+        key, value = parse_override(item)
+        if key.startswith("data."):
+            data[key.removeprefix("data.")] = value
+        else:
+            params[key] = value
+    return (data or None), params
+
+
+def format_grouped(groups: dict[str, dict[str, float]], level_names: tuple[str, ...]) -> str:
+    """Metrics per protocol: a table of ``<prefix>/<level>`` keys (one row per prefix, one
+    column per label level), then the protocol's other keys."""
+    lines = []
+    for name, metrics in groups.items():
+        lines.append(f"{name}:" if metrics else f"{name}: (no metrics)")
+        rows: dict[str, dict[str, float]] = {}
+        other = {}
+        for key, value in metrics.items():
+            prefix, _, level = key.rpartition("/")
+            if level in level_names:
+                rows.setdefault(prefix, {})[level] = value
+            else:
+                other[key] = value
+        levels = [lvl for lvl in level_names if any(lvl in r for r in rows.values())]
+        width = max([len(k) for k in (*rows, *other)] + [10]) + 2
+        if rows:
+            lines.append(" " * (2 + width) + "".join(f"{lvl:>14}" for lvl in levels))
+        for prefix, row in rows.items():
+            lines.append(f"  {prefix:<{width}}" + "".join(
+                f"{row[lvl]:>14.4f}" if lvl in row else f"{'-':>14}" for lvl in levels))
+        lines += [f"  {key:<{width}}{value:>14.4f}" for key, value in other.items()]
+    return "\n".join(lines)
+
+
+def _eval_main(args: argparse.Namespace) -> int:
+    """``hirl-ray eval``: every protocol's metrics, a metrics JSON, optional plots."""
+    from hirl_ray.api import evaluate_run
+
+    data, overrides = _eval_overrides(list(args.overrides))
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()] \
+        if args.protocols else None
+    result, plots = evaluate_run(args.checkpoint, data, protocols, overrides, args.device,
+                                 args.plots)
+    print(f"Checkpoint  {result.checkpoint}")
+    print(f"Data        {result.config.data.name}"
+          + ("" if result.same_data else "  (not the run's training data)"))
+    print(format_grouped(result.metrics, result.inputs.level_names))
+    out = args.out or storage.join(result.run_dir or result.checkpoint, EVAL_METRICS)
+    storage.write_text(out, json.dumps(result.flat_metrics, indent=2, default=float))
+    print(f"\nMetrics JSON  {out}")
+    for path in plots:
+        print(f"Plot          {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hirl-ray`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # "hirl-ray eval RUN --plots DIR knn.k=5": overrides after an option land in ``extra``.
+    if extra and (args.command != "eval" or any(e.startswith("-") or "=" not in e
+                                                for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     console()
     try:
         if args.command == "fit":
@@ -94,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("tune", "report", "dashboard"):
             return _tune_main(args)
         elif args.command == "eval":
-            from hirl_ray.eval.checkpoint import evaluate_checkpoint, resolve_checkpoint
-
-            path = resolve_checkpoint(args.checkpoint)
-            run_dir = LAYOUT.run_of_checkpoint(path)
-            hierarchy = LAYOUT.hierarchy_dir(run_dir) if run_dir else None
-            metrics = evaluate_checkpoint(path, hierarchy, args.device)
-            print(json.dumps(metrics, indent=2))
+            return _eval_main(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"hirl-ray: error: {e}", file=sys.stderr)
         return 2

@@ -380,8 +380,58 @@ def test_digits():
     assert torch.equal(build_dataset(cfg, "test").images, test.images)
 
 
+def _fake_stl10(root, splits=(("train", 5), ("test", 3)), seed=0):
+    """A tiny copy in STL-10's binary layout: column-major 3x96x96 uint8, labels 1..10."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in splits:
+        images = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        labels = rng.integers(1, 11, n, dtype=np.uint8)
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")  # W-major on disk
+        labels.tofile(folder / f"{split}_y.bin")
+        written[split] = images, labels
+    return folder, written
+
+
+def test_stl10_reads_the_binary_layout_like_torchvision(tmp_path, monkeypatch):
+    import torchvision.datasets.stl10 as stl10
+
+    folder, written = _fake_stl10(tmp_path)
+    for split, (images, labels) in written.items():
+        ds = build_dataset(DataConfig(name="stl10", root=str(tmp_path), image_size=96), split)
+        assert ds.level_names == ("class",) and ds.labels[:, 0].tolist() == (labels - 1).tolist()
+        assert torch.equal(ds.images, torch.from_numpy(images))
+    # torchvision's reader agrees (its MD5 check skipped for the fake files)
+    monkeypatch.setattr(stl10.STL10, "_check_integrity", lambda self: True)
+    ref = stl10.STL10(str(tmp_path), split="test", download=False)
+    assert np.array_equal(ref.data, written["test"][0]) and np.array_equal(ref.labels,
+                                                                           ds.labels[:, 0])
+    small = build_dataset(DataConfig(name="stl10", root=str(folder), image_size=24), "train")
+    assert small.images.shape == (5, 3, 24, 24) and small.images.dtype == torch.uint8
+
+
+def test_stl10_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"STL-10 not found .*stl10_binary/train_X.bin"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path)), "train")
+    folder, _ = _fake_stl10(tmp_path, splits=(("train", 2),))
+    with pytest.raises(ConfigError, match="missing test_X.bin"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path)), "test")
+    (folder / "train_y.bin").write_bytes(bytes([1, 2, 3]))
+    with pytest.raises(ConfigError, match=r"train_y.bin: expected 2 labels in 1..10"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path)), "train")
+    (folder / "train_y.bin").write_bytes(bytes([1, 11]))
+    with pytest.raises(ConfigError, match=r"got 2 in \[1, 11\]"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path)), "train")
+    (folder / "train_X.bin").write_bytes(bytes(100))
+    with pytest.raises(ConfigError, match="train_X.bin: 100 bytes is not a whole number"):
+        build_dataset(DataConfig(name="stl10", root=str(tmp_path)), "train")
+
+
 def test_build_dataset_errors():
-    assert DATASETS.names() == ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits")
+    assert DATASETS.names() == ("synthetic", "imagefolder", "npz", "cifar10", "cifar100", "digits",
+                                "stl10")
     with pytest.raises(ConfigError, match="data.name must be one of"):
         build_dataset(DataConfig(name="mnist"), "train")
     with pytest.raises(ConfigError, match="data.root is required"):

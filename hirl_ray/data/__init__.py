@@ -48,6 +48,12 @@ def _cifar(cfg: DataConfig, split: str) -> HierDataset:
     return cifar_dataset(cfg.name, str(cfg.root), split, cfg.image_size)
 
 
+def _stl10(cfg: DataConfig, split: str) -> HierDataset:
+    from hirl_ray.data.stl10 import stl10_dataset
+
+    return stl10_dataset(str(cfg.root), split, cfg.image_size)
+
+
 def _digits(cfg: DataConfig, split: str) -> HierDataset:
     from hirl_ray.data.arrays import digits_dataset
 
@@ -80,6 +86,7 @@ register_dataset("npz", _npz)
 register_dataset("cifar10", _cifar)
 register_dataset("cifar100", _cifar)
 register_dataset("digits", _digits, needs_root=False)
+register_dataset("stl10", _stl10, level_names=("class",))
 
 
 def build_dataset(cfg: DataConfig, split: str) -> HierDataset:

@@ -4,6 +4,9 @@
 the loaders in one :class:`~hirl_ray.eval.protocol.EvalInputs` (features extracted once, on
 first use) and runs ``cfg.protocols`` with their ``cfg.params``. :func:`evaluate` is the older
 fixed-protocol entry point (kNN + clustering), kept for the online evaluation in the Ray worker.
+:func:`build_inputs` and :func:`run_grouped` are the two halves of :func:`run_evaluation`, for
+callers that want the shared inputs afterwards (the plots of ``hirl_ray.evaluate``) or the
+metrics per protocol (``hirl-ray eval`` prints them grouped).
 
 Pure PyTorch / numpy; nothing here imports ``ray``.
 """
@@ -11,8 +14,9 @@ Pure PyTorch / numpy; nothing here imports ``ray``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,9 +24,12 @@ import torch
 from hirl_ray.config import EvalConfig
 from hirl_ray.eval.knn import KnnConfig
 from hirl_ray.eval.protocol import EvalInputs, loader_features, run_protocols
+from hirl_ray.logs import get_logger
 
 if TYPE_CHECKING:
     from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
+
+log = get_logger(__name__)
 
 
 def run_evaluation(
@@ -55,20 +62,55 @@ def run_evaluation(
     Returns:
         Flat ``{key: value}`` metrics of all protocols (e.g. ``knn_acc/superclass``).
     """
-    inputs = _inputs(embed, train_loader, test_loader, train_labels, test_labels, level_names,
-                     device, seed, hierarchy)
+    inputs = build_inputs(embed, train_loader, test_loader, train_labels, test_labels,
+                          level_names, device, seed, hierarchy)
     return run_protocols(cfg.protocols, inputs, cfg.params)
 
 
-def _inputs(embed: Callable, train_loader: Iterable, test_loader: Iterable,
-            train_labels: np.ndarray, test_labels: np.ndarray, level_names: Sequence[str],
-            device: torch.device | str, seed: int,
-            hierarchy: PrototypeHierarchy | None) -> EvalInputs:
+def build_inputs(embed: Callable, train_loader: Iterable, test_loader: Iterable,
+                 train_labels: np.ndarray, test_labels: np.ndarray, level_names: Sequence[str],
+                 device: torch.device | str = "cpu", seed: int = 0,
+                 hierarchy: PrototypeHierarchy | None = None,
+                 extra: Mapping[str, Any] | None = None) -> EvalInputs:
+    """The :class:`EvalInputs` of :func:`run_evaluation` (features extracted on first use).
+
+    Args:
+        extra: Further :class:`EvalInputs` fields (e.g. ``encoder``, ``train_images``); a name
+            that this version of :class:`EvalInputs` does not have is dropped, so callers can
+            offer inputs that only some protocols (and some versions) read.
+        Others: as in :func:`run_evaluation`.
+    """
+    known = {f.name for f in dataclasses.fields(EvalInputs) if f.init}
+    offered = {k: v for k, v in (extra or {}).items() if k in known}
     inputs = EvalInputs(train_labels, test_labels, tuple(level_names), device=str(device),
-                        seed=seed, hierarchy=hierarchy)
+                        seed=seed, hierarchy=hierarchy, **offered)
     sizes = {"train": len(inputs.train_labels), "test": len(inputs.test_labels)}
     loaders = {"train": train_loader, "test": test_loader}
     return dataclasses.replace(inputs, source=loader_features(embed, loaders, sizes, device))
+
+
+def run_grouped(names: Sequence[str], inputs: EvalInputs,
+                params: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """:func:`~hirl_ray.eval.protocol.run_protocols`, keeping each protocol's metrics apart.
+
+    Returns:
+        ``{protocol name: its metrics}`` in the order of ``names``; the same keys and values
+        as ``run_protocols`` (two protocols writing one key is an error there and here).
+    """
+    groups: dict[str, dict[str, float]] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        start = time.perf_counter()
+        out = run_protocols([name], inputs, params)
+        log.info("eval protocol %s: %d metrics in %.1fs", name, len(out),
+                 time.perf_counter() - start)
+        clash = sorted(set(out) & set(seen))
+        if clash:
+            raise ValueError(f"eval protocol {name!r} writes {clash[0]!r}, which protocol "
+                             f"{seen[clash[0]]!r} already wrote; give its keys their own prefix")
+        seen.update(dict.fromkeys(out, name))
+        groups[name] = out
+    return groups
 
 
 def evaluate(
@@ -91,7 +133,7 @@ def evaluate(
     either split gets no keys; unlabeled data (``L == 0``) gives ``{}`` without reading the
     loaders. See :func:`run_evaluation` for the arguments.
     """
-    inputs = _inputs(embed, train_loader, test_loader, train_labels, test_labels, level_names,
-                     device, seed, None)
+    inputs = build_inputs(embed, train_loader, test_loader, train_labels, test_labels,
+                          level_names, device, seed)
     return run_protocols(("knn", "clustering"), inputs,
                          {"knn": KnnConfig(k=k, temperature=temperature)})
