@@ -8,7 +8,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    fowlkes_mallows_score,
+    normalized_mutual_info_score,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -140,8 +144,9 @@ def test_clustering_scores_match_sklearn():
     rng = np.random.default_rng(3)
     y_true, y_pred = rng.integers(0, 4, 50), rng.integers(0, 6, 50)
     scores = clustering_scores(y_true, y_pred)
-    assert set(scores) == {"nmi", "ari", "acc"}
+    assert set(scores) == {"nmi", "ari", "acc", "fm"}
     assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(y_true, y_pred))
+    assert scores["fm"] == pytest.approx(fowlkes_mallows_score(y_true, y_pred))
     assert scores["ari"] == pytest.approx(adjusted_rand_score(y_true, y_pred))
     assert scores["acc"] == pytest.approx(cluster_accuracy(y_true, y_pred))
 
@@ -268,7 +273,8 @@ def test_evaluate_end_to_end_two_levels():
     embed = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48)).train()
     out = evaluate(embed, train, test, y_tr, y_te, ["fine", "coarse"], k=10, seed=0)
     expected = {
-        f"{m}/{lvl}" for m in ("knn_acc", "nmi", "ari", "acc") for lvl in ("fine", "coarse")
+        f"{m}/{lvl}" for m in ("knn_acc", "nmi", "ari", "acc", "fm")
+        for lvl in ("fine", "coarse")
     }
     assert set(out) == expected
     assert all(isinstance(v, float) for v in out.values())
@@ -364,8 +370,8 @@ def test_run_protocols_refuses_two_protocols_writing_one_key():
 
 
 def test_metric_prefixes_come_from_the_protocols():
-    assert level_metric_prefixes() == ("knn_acc", "nmi", "ari", "acc")
-    assert level_metric_prefixes(["clustering"]) == ("nmi", "ari", "acc")
+    assert level_metric_prefixes()[:5] == ("knn_acc", "nmi", "ari", "acc", "fm")
+    assert level_metric_prefixes(["clustering"])[:4] == ("nmi", "ari", "acc", "fm")
     assert level_metric_prefixes(["consistency"]) == ()
     assert metric_prefixes(["knn", "consistency"]) == ("knn_acc", "hierarchy")
     with pytest.raises(ConfigError, match="eval.protocols must be one of"):
@@ -396,12 +402,12 @@ def test_eval_section_defaults_and_protocol_params():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"eval.protocols": ["knn", "linear"]}, "eval.protocols must be one of .*got 'linear'"),
+    ({"eval.protocols": ["knn", "nope"]}, "eval.protocols must be one of .*got 'nope'"),
     ({"eval.protocols": ["knn", "knn"]}, "eval.protocols lists a protocol twice"),
     ({"eval.params.knn.kk": 3}, "unknown key eval.params.knn.kk; valid keys: k, temperature"),
     ({"eval.params.knn.k": 0}, "eval.params.knn.k must be > 0, got 0"),
     ({"eval.params.knn.k": "many"}, "eval.params.knn.k must be an integer"),
-    ({"eval.params.linear": {}}, "unknown key eval.params.linear; registered eval.protocols"),
+    ({"eval.params.nope": {}}, "unknown key eval.params.nope; registered eval.protocols"),
     ({"eval.params.consistency.x": 1}, "unknown key eval.params.consistency.x"),
     ({"eval.protocols": ["clustering"], "eval.params.knn.k": 3},
      "eval.params.knn is set but 'knn' is not in eval.protocols"),

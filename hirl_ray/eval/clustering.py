@@ -1,7 +1,9 @@
-"""Clustering metrics: k-means on frozen features scored by NMI / ARI / Hungarian accuracy.
+"""Clustering metrics: k-means on frozen features scored by NMI / ARI / accuracy / FM.
 
 The ``clustering`` protocol runs spherical k-means on the test features at every label level
-with ``k`` = number of classes at that level, as in the HIRL paper's clustering evaluation.
+with ``k`` = number of classes at that level, as in the HIRL paper's clustering evaluation,
+and, when the run has a prototype tree, scores the tree's own clusters at every learned level
+against every label level (HIRL reports NMI, ARI and Fowlkes–Mallows per level).
 """
 
 from __future__ import annotations
@@ -58,18 +60,76 @@ def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(table[rows, cols].sum() / y_true.size)
 
 
+def cluster_purity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Purity: each cluster takes its majority class (many-to-one), fraction of samples right.
+
+    Unlike :func:`cluster_accuracy` several clusters may map to one class, so it stays
+    meaningful when there are more clusters than classes (and reaches 1.0 for singletons).
+    """
+    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(
+            f"cluster_purity: need equal, non-empty label arrays, got {y_true.size} true and "
+            f"{y_pred.size} predicted"
+        )
+    return float(_contingency(y_true, y_pred).max(axis=1).sum() / y_true.size)
+
+
+def fowlkes_mallows(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fowlkes–Mallows index (Fowlkes & Mallows, JASA 1983): ``TP / sqrt((TP+FP)(TP+FN))``.
+
+    Counted over pairs of samples: ``TP`` pairs share a class and a cluster, ``TP + FP``
+    share a cluster, ``TP + FN`` share a class. From the contingency table ``n_ij``:
+    ``TP = sum n_ij^2 - N``, ``TP+FP = sum_i a_i^2 - N``, ``TP+FN = sum_j b_j^2 - N``;
+    the same value as ``sklearn.metrics.fowlkes_mallows_score``, in int64 pair counts and
+    a float square root (no int overflow for large ``N``). ``0`` when no pair shares both.
+    """
+    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(
+            f"fowlkes_mallows: need equal, non-empty label arrays, got {y_true.size} true and "
+            f"{y_pred.size} predicted"
+        )
+    table = _contingency(y_true, y_pred)
+    n = y_true.size
+    tp = int((table**2).sum()) - n
+    same_cluster = int((table.sum(axis=1) ** 2).sum()) - n
+    same_class = int((table.sum(axis=0) ** 2).sum()) - n
+    if tp == 0:
+        return 0.0
+    return float(np.sqrt(tp / same_cluster) * np.sqrt(tp / same_class))
+
+
 def clustering_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """NMI and ARI (scikit-learn) and Hungarian accuracy of a clustering.
+    """NMI and ARI (scikit-learn), Hungarian accuracy and Fowlkes–Mallows of a clustering.
 
     Returns:
-        ``{"nmi": ..., "ari": ..., "acc": ...}``.
+        ``{"nmi": ..., "ari": ..., "acc": ..., "fm": ...}``.
     """
     y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
     return {
         "nmi": float(normalized_mutual_info_score(y_true, y_pred)),
         "ari": float(adjusted_rand_score(y_true, y_pred)),
         "acc": cluster_accuracy(y_true, y_pred),
+        "fm": fowlkes_mallows(y_true, y_pred),
     }
+
+
+def learned_level_scores(assignments: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
+    """:func:`clustering_scores` of a learned level's clusters, with ``acc`` by cluster count.
+
+    ``acc`` is the Hungarian (one-to-one) accuracy when the level has at most as many
+    non-empty clusters as there are classes, and :func:`cluster_purity` (many-to-one)
+    otherwise: with ``K`` clusters for ``C < K`` classes a one-to-one map leaves ``K - C``
+    clusters unmatched and caps accuracy near ``C / K``, which would score the cluster
+    count, not the clustering. (Purity of the same pairs is also in the ``consistency``
+    protocol as ``hierarchy/purity/l<l>_vs_y<j>``.)
+    """
+    y_true, a = _np(y_true).reshape(-1), _np(assignments).reshape(-1)
+    scores = clustering_scores(y_true, a)
+    if np.unique(a).size > np.unique(y_true).size:
+        scores["acc"] = cluster_purity(y_true, a)
+    return scores
 
 
 def _kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -149,6 +209,20 @@ def kmeans_labels(
     return labels
 
 
+#: Per-level scores of a clustering, in key order (``<score>/<level>``).
+SCORES = ("nmi", "ari", "acc", "fm")
+
+#: Learned hierarchy levels whose ``proto_l<l>_<score>`` prefixes are declared in
+#: ``ClusteringProtocol.level_metrics`` (``level_metric_prefixes()``, sweep metric checks).
+#: Deeper trees are still scored; their keys are just not listed there.
+DECLARED_LEARNED_LEVELS = 4
+
+
+def learned_level_prefixes(num_levels: int) -> tuple[str, ...]:
+    """``proto_l<l>_<score>`` for learned levels ``0 .. num_levels - 1``, scores as SCORES."""
+    return tuple(f"proto_l{lvl}_{m}" for lvl in range(num_levels) for m in SCORES)
+
+
 @dataclass(frozen=True)
 class ClusteringConfig:
     """``eval.params.clustering``: Lloyd iterations and restarts of :func:`kmeans_labels`."""
@@ -162,12 +236,21 @@ class ClusteringConfig:
 
 @register_protocol
 class ClusteringProtocol(EvalProtocol):
-    """``nmi/<level>``, ``ari/<level>``, ``acc/<level>``: k-means on the test features with
-    ``k`` = number of classes at the level (seeded with ``inputs.seed``)."""
+    """Clustering scores at every label level, of k-means and of the learned hierarchy.
+
+    * ``nmi/<level>``, ``ari/<level>``, ``acc/<level>`` (Hungarian), ``fm/<level>``
+      (Fowlkes–Mallows): spherical k-means on the test features with ``k`` = number of
+      classes at the level (seeded with ``inputs.seed``).
+    * When ``inputs.hierarchy`` is set, ``proto_l<l>_{nmi,ari,acc,fm}/<level>``: the
+      prototype clusters of learned level ``l`` (``hierarchy.assignments[l]``, which index
+      the train split) against the train labels at every label level; ``acc`` is Hungarian
+      or purity by cluster count (:func:`learned_level_scores`). These need no features.
+      Unlabelled samples (``-1``) are left out.
+    """
 
     name = "clustering"
     Config = ClusteringConfig
-    level_metrics = ("nmi", "ari", "acc")
+    level_metrics = (*SCORES, *learned_level_prefixes(DECLARED_LEARNED_LEVELS))
 
     def run(self, inputs: EvalInputs) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -177,4 +260,27 @@ class ClusteringProtocol(EvalProtocol):
                                  nredo=self.config.nredo)
             for key, value in clustering_scores(lv.test_y, pred).items():
                 metrics[f"{key}/{lv.name}"] = value
+        metrics.update(self.learned_levels(inputs))
+        return metrics
+
+    @staticmethod
+    def learned_levels(inputs: EvalInputs) -> dict[str, float]:
+        """``proto_l<l>_<score>/<level>`` of ``inputs.hierarchy``; ``{}`` without one."""
+        h, labels = inputs.hierarchy, inputs.train_labels
+        if h is None or inputs.num_levels == 0:
+            return {}
+        metrics: dict[str, float] = {}
+        for lvl, assignment in enumerate(h.assignments):
+            a = _np(assignment).reshape(-1).astype(np.int64)
+            if a.size != labels.shape[0]:
+                raise ValueError(
+                    f"clustering: hierarchy.assignments[{lvl}] has {a.size} entries but the "
+                    f"train split has {labels.shape[0]} samples; pass the hierarchy fitted on "
+                    "this train split")
+            for j, name in enumerate(inputs.level_names):
+                keep = (labels[:, j] >= 0) & (a >= 0)
+                if not keep.any():
+                    continue
+                for key, value in learned_level_scores(a[keep], labels[keep, j]).items():
+                    metrics[f"proto_l{lvl}_{key}/{name}"] = value
         return metrics

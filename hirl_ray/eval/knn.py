@@ -6,10 +6,15 @@ training samples vote for their label with weight ``exp(sim / T)``. The defaults
 ``T = 0.07`` are fixed and documented because a silently changed temperature default broke
 reproduction elsewhere (lightly #1824); the ``knn`` protocol's :class:`KnnConfig` (keys
 ``eval.params.knn.k`` / ``.temperature``) has the same defaults.
+
+Several ``k`` at once (``eval.params.knn.k: [20, 10, 200]``) share one similarity matrix and
+one ``topk`` with the largest ``k`` (:func:`knn_predict_many`), as DINO's ``eval_knn.py``
+does for its ``nb_knn`` list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hirl_ray.config import check_positive
+from hirl_ray.config import ConfigError, check_positive
 from hirl_ray.eval.protocol import EvalInputs, EvalProtocol, register_protocol
 
 
@@ -52,6 +57,31 @@ def knn_predict(
     Returns:
         ``(N_test,)`` int64 predicted labels, on CPU.
     """
+    return knn_predict_many(train_features, train_labels, test_features, (k,), temperature,
+                            num_classes, chunk_size)[0]
+
+
+def knn_predict_many(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: Sequence[int],
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """:func:`knn_predict` for several ``k`` from one similarity matrix per test chunk.
+
+    One ``topk`` with ``max(ks)`` neighbours, sorted by similarity; the vote for a smaller
+    ``k`` reads its first ``k`` columns (DINO ``eval_knn.py`` with a ``nb_knn`` list).
+
+    Args:
+        ks: Neighbour counts, each capped at ``N_train``; the other arguments as in
+            :func:`knn_predict`.
+
+    Returns:
+        ``(len(ks), N_test)`` int64 predicted labels, row ``i`` for ``ks[i]``, on CPU.
+    """
     train = F.normalize(_as_tensor(train_features, torch.float32).cpu(), dim=1)
     test = F.normalize(_as_tensor(test_features, torch.float32).cpu(), dim=1)
     labels = _as_tensor(train_labels, torch.int64).cpu().reshape(-1)
@@ -65,26 +95,29 @@ def knn_predict(
             f"knn_predict: need one label per training row and at least one row, got "
             f"{train.shape[0]} rows and {labels.numel()} labels"
         )
-    if k < 1 or temperature <= 0 or chunk_size < 1:
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(
-            f"knn_predict: k, temperature and chunk_size must be positive, got k={k}, "
+            f"knn_predict: k, temperature and chunk_size must be positive, got k={ks}, "
             f"temperature={temperature}, chunk_size={chunk_size}"
         )
     if int(labels.min()) < 0:
         raise ValueError("knn_predict: train_labels must be >= 0; drop unlabeled (-1) rows first")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    k = min(k, train.shape[0])
-    preds = []
+    ks = [min(k, train.shape[0]) for k in ks]
+    preds: list[list[Tensor]] = [[] for _ in ks]
     for start in range(0, test.shape[0], chunk_size):
         sim = test[start : start + chunk_size] @ train.T  # (B, N_train)
-        top_sim, top_idx = sim.topk(k, dim=1)
+        top_sim, top_idx = sim.topk(max(ks), dim=1)  # sorted: the k nearest are columns [:k]
         weights = (top_sim / temperature).exp()
-        scores = torch.zeros(sim.shape[0], num_classes)
-        scores.scatter_add_(1, labels[top_idx], weights)
-        preds.append(scores.argmax(dim=1))
-    if not preds:
-        return torch.empty(0, dtype=torch.int64)
-    return torch.cat(preds)
+        top_labels = labels[top_idx]
+        for i, k in enumerate(ks):
+            scores = torch.zeros(sim.shape[0], num_classes)
+            scores.scatter_add_(1, top_labels[:, :k], weights[:, :k])
+            preds[i].append(scores.argmax(dim=1))
+    if test.shape[0] == 0:
+        return torch.empty(len(ks), 0, dtype=torch.int64)
+    return torch.stack([torch.cat(p) for p in preds])
 
 
 def knn_accuracy(
@@ -96,40 +129,87 @@ def knn_accuracy(
     temperature: float = 0.07,
 ) -> float:
     """Top-1 accuracy in ``[0, 1]`` of :func:`knn_predict` on ``test_labels``."""
+    return knn_accuracies(train_features, train_labels, test_features, test_labels, (k,),
+                          temperature)[0]
+
+
+def knn_accuracies(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int],
+    temperature: float = 0.07,
+) -> list[float]:
+    """Top-1 accuracy in ``[0, 1]`` for every ``k`` in ``ks`` (:func:`knn_predict_many`)."""
     y = _as_tensor(test_labels, torch.int64).cpu().reshape(-1)
     if y.numel() == 0:
         raise ValueError("knn_accuracy: the test set is empty")
     labels = _as_tensor(train_labels, torch.int64)
     num_classes = max(int(labels.max()), int(y.max())) + 1 if labels.numel() else None
-    pred = knn_predict(train_features, labels, test_features, k, temperature, num_classes)
-    if pred.numel() != y.numel():
+    pred = knn_predict_many(train_features, labels, test_features, ks, temperature, num_classes)
+    if pred.shape[1] != y.numel():
         raise ValueError(
-            f"knn_accuracy: {pred.numel()} test feature rows but {y.numel()} test labels"
+            f"knn_accuracy: {pred.shape[1]} test feature rows but {y.numel()} test labels"
         )
-    return float((pred == y).double().mean())
+    return [float((p == y).double().mean()) for p in pred]
 
 
 @dataclass(frozen=True)
 class KnnConfig:
-    """``eval.params.knn``: neighbours ``k`` and vote temperature ``T`` (fixed defaults)."""
+    """``eval.params.knn``: neighbours ``k`` and vote temperature ``T`` (fixed defaults).
 
-    k: int = 20
+    ``k`` is one count or a list of distinct counts (``[20, 10, 200]``), all scored from one
+    similarity matrix; see :meth:`KnnProtocol.level_metrics_for` for the keys.
+    """
+
+    k: int | tuple[int, ...] = 20
     temperature: float = 0.07
 
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """``k`` as a tuple; the first one is the one reported as ``knn_acc``."""
+        return (self.k,) if isinstance(self.k, int) else tuple(self.k)
+
     def check(self, where: str) -> None:
-        check_positive(self, where, "k", "temperature")
+        if isinstance(self.k, int):
+            check_positive(self, where, "k")
+        elif not self.k or min(self.k) < 1 or len(set(self.k)) != len(self.k):
+            raise ConfigError(f"{where}.k must be a positive integer or a non-empty list of "
+                              f"distinct positive integers, got {list(self.k)}")
+        check_positive(self, where, "temperature")
 
 
 @register_protocol
 class KnnProtocol(EvalProtocol):
-    """``knn_acc/<level>``: weighted kNN from train to test features at every label level."""
+    """``knn_acc/<level>``: weighted kNN from train to test features at every label level.
+
+    With a list ``eval.params.knn.k: [k1, k2, ...]``, ``knn_acc/<level>`` is the accuracy at
+    ``k1`` (as with ``k: k1``), and every ``k`` in the list also gets its own key
+    ``knn_acc_k<k>/<level>`` (``knn_acc_k10/superclass``), so tables keep one column per
+    ``k`` and the ``<prefix>/<level>`` grammar. Those extra prefixes depend on the config and
+    are therefore not in the class-level ``level_metrics`` (which ``level_metric_prefixes()``
+    reads); :meth:`level_metrics_for` lists them for a given config.
+    """
 
     name = "knn"
     Config = KnnConfig
     level_metrics = ("knn_acc",)
 
+    @classmethod
+    def level_metrics_for(cls, config: KnnConfig) -> tuple[str, ...]:
+        """Per-level prefixes this protocol writes under ``config``, in order."""
+        extra = () if isinstance(config.k, int) else tuple(f"knn_acc_k{k}" for k in config.ks)
+        return (*cls.level_metrics, *extra)
+
     def run(self, inputs: EvalInputs) -> dict[str, float]:
         cfg = self.config
-        return {f"knn_acc/{lv.name}": knn_accuracy(lv.train_x, lv.train_y, lv.test_x, lv.test_y,
-                                                   k=cfg.k, temperature=cfg.temperature)
-                for lv in inputs.levels()}
+        metrics: dict[str, float] = {}
+        for lv in inputs.levels():
+            accs = knn_accuracies(lv.train_x, lv.train_y, lv.test_x, lv.test_y, cfg.ks,
+                                  temperature=cfg.temperature)
+            metrics[f"knn_acc/{lv.name}"] = accs[0]
+            if not isinstance(cfg.k, int):
+                metrics.update({f"knn_acc_k{k}/{lv.name}": acc
+                                for k, acc in zip(cfg.ks, accs, strict=True)})
+        return metrics
