@@ -105,12 +105,9 @@ def evaluate_run(checkpoint: str | Path,
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Human summary of the final metrics (grouped per label level)."""
-    from hirl_ray.eval.protocol import metric_prefixes
-
-    prefixes = tuple(f"{p}/" for p in metric_prefixes())
     lines = []
     for key in sorted(metrics):
-        if key.startswith(prefixes):
+        if "/" in key and not key.startswith("train/"):  # every protocol's <prefix>/<...>
             value = metrics[key]
             lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float)
                          else f"  {key:<34} {value}")

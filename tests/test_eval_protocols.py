@@ -371,3 +371,26 @@ def test_all_protocols_with_linear_run_end_to_end():
     assert "hierarchy/path_accuracy" in out
     assert out["linear_top1/fine"] == 1.0 and out["knn_acc/coarse"] == 1.0
     assert out["nmi/fine"] > 0.95 and out["proto_l0_nmi/fine"] == 1.0
+
+
+def test_sweep_metrics_follow_the_configured_protocols():
+    """A tune.metric is checked against what the experiment's eval.protocols report under
+    their settings: knn_acc_k10 exists only when knn's k lists 10."""
+    from hirl_ray.eval.protocol import level_metric_prefixes
+    from hirl_ray.sweep.sampling import check_against, search_params
+
+    def sweep(metric: str, **overrides):
+        cfg = load_config(None, {"tune": {"metric": metric, "num_trials": 1}, **overrides})
+        spec = cfg.section("tune")
+        check_against(spec, search_params(spec, cfg), cfg, 2400, ("subclass", "class"))
+
+    single = load_config(None).eval
+    several = load_config(None, {"eval.params.knn.k": [20, 10]}).eval
+    assert "knn_acc_k10" not in level_metric_prefixes(single.protocols, single.params)
+    assert "knn_acc_k10" in level_metric_prefixes(several.protocols, several.params)
+    sweep("knn_acc_k10/class", **{"eval.params.knn.k": [20, 10]})
+    with pytest.raises(ConfigError, match="no protocol in eval.protocols .* reports knn_acc_k10"):
+        sweep("knn_acc_k10/class")
+    with pytest.raises(ConfigError, match="reports linear_top1"):
+        sweep("linear_top1/class")
+    sweep("linear_top1/class", **{"eval.protocols": ["knn", "linear"]})

@@ -63,6 +63,12 @@ class EvalProtocol:
     def __init__(self, config: Any = None) -> None:
         self.config = type(self).Config() if config is None else config
 
+    @classmethod
+    def level_metrics_for(cls, config: Any) -> tuple[str, ...]:
+        """Per-level prefixes written under ``config`` (``level_metrics`` unless a setting
+        adds keys, e.g. several kNN ``k``)."""
+        return cls.level_metrics
+
     def run(self, inputs: EvalInputs) -> dict[str, float]:
         """Score ``inputs``; keys as declared by ``level_metrics`` / ``metric_prefixes``."""
         raise NotImplementedError
@@ -80,20 +86,26 @@ def _protocols(names: Iterable[str] | None) -> list[type[EvalProtocol]]:
     return [PROTOCOLS.get(n) for n in (PROTOCOLS.names() if names is None else names)]
 
 
-def level_metric_prefixes(names: Iterable[str] | None = None) -> tuple[str, ...]:
+def level_metric_prefixes(names: Iterable[str] | None = None,
+                          params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """Prefixes of the per-level metrics (``<prefix>/<level name>``) the protocols produce.
 
     Args:
         names: Protocol names (e.g. ``cfg.eval.protocols``); ``None`` means every registered
             protocol, in registration order (``knn_acc, nmi, ari, acc`` for the built-ins).
+        params: ``cfg.eval.params``: settings that add keys (several kNN ``k``) are counted.
     """
-    return tuple(dict.fromkeys(m for p in _protocols(names) for m in p.level_metrics))
+    params = params or {}
+    return tuple(dict.fromkeys(
+        m for p in _protocols(names)
+        for m in (p.level_metrics_for(params[p.name]) if p.name in params else p.level_metrics)))
 
 
-def metric_prefixes(names: Iterable[str] | None = None) -> tuple[str, ...]:
+def metric_prefixes(names: Iterable[str] | None = None,
+                    params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """Every key prefix the protocols produce: per-level ones first, then the others."""
     others = (m for p in _protocols(names) for m in p.metric_prefixes)
-    return tuple(dict.fromkeys((*level_metric_prefixes(names), *others)))
+    return tuple(dict.fromkeys((*level_metric_prefixes(names, params), *others)))
 
 
 def _labels_2d(labels: np.ndarray, name: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from hirl_ray.config import SECTIONS, ConfigError, ExperimentConfig, load_config
 from hirl_ray.eval.protocol import level_metric_prefixes
 from hirl_ray.runs import LAYOUT
-from hirl_ray.sweep.space import Choice, Dist, TuneConfig
+from hirl_ray.sweep.space import LABEL_FREE_METRIC, WALL_TIME_METRIC, Choice, Dist, TuneConfig
 
 #: ``tune.space.params`` entries resolved against the experiment: ``(config key, distribution)``.
 Params = tuple[tuple[str, Dist], ...]
@@ -201,13 +201,13 @@ def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_s
     if spec.space.level0_clusters.max > num_samples:
         raise ConfigError(f"tune.space.level0_clusters.max={int(spec.space.level0_clusters.max)} "
                           f"exceeds the {num_samples} training samples; lower it")
-    produced = level_metric_prefixes(cfg.eval.protocols)
+    produced = level_metric_prefixes(cfg.eval.protocols, cfg.eval.params)
     for m in spec.metrics:
         prefix, _, level = m.partition("/")
-        if "/" in m and prefix in level_metric_prefixes() and prefix not in produced:
+        if m not in (LABEL_FREE_METRIC, WALL_TIME_METRIC) and prefix not in produced:
             raise ConfigError(f"tune.metric {m!r}: no protocol in eval.protocols "
-                              f"({', '.join(cfg.eval.protocols)}) reports {prefix}/…; add the "
-                              "protocol that does")
+                              f"({', '.join(cfg.eval.protocols)}) reports {prefix}/<level>; "
+                              f"they report {', '.join(produced)}")
         if prefix in produced and level not in level_names:
             have = ", ".join(level_names) or "none (unlabelled data: use label_free/silhouette)"
             raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")

@@ -270,11 +270,13 @@ class TuneConfig:
         if not metrics or len(metrics) > 3:
             raise ConfigError(f"{where}.metric must be a name or a list of 1-3 names, "
                               f"got {list(metrics)!r}")
+        # The form here; whether the experiment's eval.protocols report it (several kNN k add
+        # keys, for one): sampling.check_against, which sees the whole experiment.
         level_metrics = level_metric_prefixes()  # every registered protocol's
         for m in metrics:
             prefix, _, level = m.partition("/")
             if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
-                    or (prefix in level_metrics and level)):
+                    or (prefix and level and "/" not in level)):
                 raise ConfigError(f"{where}.metric: unknown metric {m!r}; use "
                                   f"<{'|'.join(level_metrics)}>/<label level>, "
                                   f"{LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")
