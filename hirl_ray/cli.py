@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="data.key=value (evaluate on other data) or eval.params.<protocol>."
                          "<key>=value, e.g. data.name=digits eval.params.knn.k=10")
     ev.add_argument("--protocols", default=None,
-                    help="comma-separated protocols (default: the run's eval.protocols)")
+                    help="comma-separated protocols, or all (default: the run's eval.protocols)")
     ev.add_argument("--plots", default=None, metavar="DIR",
                     help="write PNGs there: embeddings, per-level bars, prototype tree")
     ev.add_argument("--out", default=None,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from hirl_ray import storage
 from hirl_ray.config import (
+    PROTOCOLS,
     SECTIONS,
     ConfigError,
     DataConfig,
@@ -150,8 +151,8 @@ def eval_config(run_config: Mapping[str, Any], data: Mapping[str, Any] | DataCon
             with the run's ``name`` (or none) overrides the run's keys; one naming another
             dataset starts from the defaults and keeps only the run's ``image_size`` and
             ``loader_workers`` (the backbone was built for that size).
-        protocols: Protocol names; ``None`` keeps the run's ``eval.protocols``. Settings of
-            protocols left out are dropped.
+        protocols: Protocol names, or ``"all"`` for every registered one; ``None`` keeps the
+            run's ``eval.protocols``. Settings of protocols left out are dropped.
         overrides: ``eval.params.<protocol>.<key>`` values (``{"eval.params.knn.k": 10}`` or
             ``["knn.k=10"]``; the ``eval.params.`` prefix may be left out).
         source: Names the config in error messages.
@@ -164,6 +165,8 @@ def eval_config(run_config: Mapping[str, Any], data: Mapping[str, Any] | DataCon
         raw["data"] = _data_section(raw.get("data") or {}, data)
     if protocols is not None:
         names = [protocols] if isinstance(protocols, str) else list(protocols)
+        if names == ["all"]:
+            names = list(PROTOCOLS.names())
         section = dict(raw.get("eval") or {})
         params = section.get("params") or {}
         section["protocols"] = names
