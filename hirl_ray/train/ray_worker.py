@@ -125,7 +125,13 @@ def restore(run: WorkerRun, run_dir: str, actor: Any) -> ResumePlan:
                                   registered, version_of_round)
     if state is not None:
         run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        try:
+            run.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. a checkpoint from before per-method parameter groups
+            raise RuntimeError(
+                f"the checkpoint in {run_dir} holds optimiser state for other parameter groups "
+                f"({e}); it was written by an older hirl_ray or another method: set "
+                "storage.name to a new folder to start a new run") from None
         if run.scaler is not None and state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     if run.rank == 0 and plan.epoch:
