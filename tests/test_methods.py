@@ -344,10 +344,12 @@ def test_default_param_groups_hold_every_trainable_parameter_once(name: str) -> 
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(trainable) and len(set(ids)) == len(ids)
-    assert len(groups) == 2  # the method's one group (as before) + the HIRL heads
+    # The method's one group (SimSiam: encoder + fixed-lr predictor, official) + the HIRL heads.
+    own = 2 if name == "simsiam" else 1
+    assert len(groups) == own + 1
     assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in model.heads.parameters()}
     assert set(groups[0]) == {"params"}  # no special keys: train.weight_decay, scheduled lr
-    assert len(make_model(name, hirl=False).param_groups()) == 1
+    assert len(make_model(name, hirl=False).param_groups()) == own
 
 
 def test_simsiam_fix_pred_lr_keeps_the_predictor_at_the_base_lr(batch) -> None:
@@ -370,7 +372,9 @@ def test_simsiam_fix_pred_lr_keeps_the_predictor_at_the_base_lr(batch) -> None:
                 warmup_steps=0, hierarchy=StaticHierarchy(None), device=torch.device("cpu"))
     encoder_lr, predictor_lr = (g["lr"] for g in opt.param_groups)
     assert predictor_lr == 0.2 and encoder_lr < 0.11  # cosine at step 51 of 100
-    assert len(make_method("simsiam").param_groups()) == 1  # default off: as before
+    assert len(make_method("simsiam").param_groups()) == 2  # default on, as the official
+    off = cls(backbone, feat_dim, cls.Config(proj_dim=PROJ_DIM, hidden_dim=64, fix_pred_lr=False))
+    assert len(off.param_groups()) == 1
 
 
 @pytest.mark.parametrize("name", BUILTIN)

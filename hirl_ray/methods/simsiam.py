@@ -19,12 +19,12 @@ class SimSiamConfig(ProjectorConfig):
 
     ``fix_pred_lr``: the predictor keeps the base learning rate ``train.lr`` instead of
     following the cosine schedule (official ``--fix-pred-lr``; SimSiam Sec. 4.2: a predictor
-    whose lr does not decay trains slightly better). The official README uses it for its
-    batch-512 ImageNet pre-training; off by default here (the behaviour of earlier versions).
+    whose lr does not decay trains slightly better). On by default, as in the official HIRL
+    and SimSiam configs (``fix_pred_lr: True``); ``false`` lets the predictor follow the schedule.
     """
 
     name: str = "simsiam"
-    fix_pred_lr: bool = False
+    fix_pred_lr: bool = True
 
 
 @register_method
