@@ -290,3 +290,13 @@ def test_after_backward_sees_the_gradients_before_the_optimiser_step(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(before, model.method.backbone.parameters(),
                                                  strict=True))
     assert any(p.grad is not None for p in model.method.projector.parameters())
+
+
+def test_progress_line_says_warm_up_only_when_hirl_is_on():
+    from hirl_ray.train.loop import EpochStats, format_epoch
+
+    stats = EpochStats(epoch=0, loss=1.0, method_loss=1.0, semantic_loss=None, semantic_steps=0,
+                       steps=1, samples=64, seconds=1.0, lr=0.1, hierarchy_version=0)
+    assert "semantic —(warm-up) | hierarchy none yet" in format_epoch(stats, 10, 2, None, False)
+    off = format_epoch(stats, 10, 2, None, False, hirl_enabled=False)
+    assert "semantic off | hierarchy off (hirl.enabled=false)" in off and "warm-up" not in off

@@ -192,10 +192,13 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 
 def format_epoch(stats: EpochStats, total_epochs: int, world_size: int,
-                 hierarchy: PrototypeHierarchy | None, building: bool) -> str:
+                 hierarchy: PrototypeHierarchy | None, building: bool,
+                 hirl_enabled: bool = True) -> str:
     """One concise progress line (rank 0 prints it)."""
     sem = f"{stats.semantic_loss:.3f}" if stats.semantic_loss is not None else "—(warm-up)"
-    if hierarchy is not None:
+    if not hirl_enabled:
+        sem, hier = "off", "off (hirl.enabled=false)"
+    elif hierarchy is not None:
         hier = f"v{hierarchy.version} {'/'.join(map(str, hierarchy.num_clusters))}"
     else:
         hier = "none yet"

@@ -204,7 +204,7 @@ def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]
         checkpoint = None
         if run.rank == 0:
             log.info(format_epoch(stats, run.cfg.train.epochs, run.world, hierarchy,
-                                  metrics["hierarchy_building"]))
+                                  metrics["hierarchy_building"], run.cfg.hirl.enabled))
             save_checkpoint(tmp, model_state=unwrap(run.ddp).state_dict(),
                             optimizer_state=run.optimizer.state_dict(),
                             scaler_state=run.scaler.state_dict() if run.scaler else None,
