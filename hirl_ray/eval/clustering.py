@@ -38,6 +38,15 @@ def _contingency(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return table
 
 
+def _label_pair(y_true: np.ndarray, y_pred: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both label arrays flat; equal, non-empty sizes or a ValueError naming ``who``."""
+    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(f"{who}: need equal, non-empty label arrays, got {y_true.size} true "
+                         f"and {y_pred.size} predicted")
+    return y_true, y_pred
+
+
 def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Best one-to-one matching accuracy between clusters and classes (DEC, Xie et al. 2016).
 
@@ -49,12 +58,7 @@ def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     Returns:
         Accuracy in ``[0, 1]``.
     """
-    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(
-            f"cluster_accuracy: need equal, non-empty label arrays, got {y_true.size} true and "
-            f"{y_pred.size} predicted"
-        )
+    y_true, y_pred = _label_pair(y_true, y_pred, "cluster_accuracy")
     table = _contingency(y_true, y_pred)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / y_true.size)
@@ -66,12 +70,7 @@ def cluster_purity(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     Unlike :func:`cluster_accuracy` several clusters may map to one class, so it stays
     meaningful when there are more clusters than classes (and reaches 1.0 for singletons).
     """
-    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(
-            f"cluster_purity: need equal, non-empty label arrays, got {y_true.size} true and "
-            f"{y_pred.size} predicted"
-        )
+    y_true, y_pred = _label_pair(y_true, y_pred, "cluster_purity")
     return float(_contingency(y_true, y_pred).max(axis=1).sum() / y_true.size)
 
 
@@ -84,12 +83,7 @@ def fowlkes_mallows(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     the same value as ``sklearn.metrics.fowlkes_mallows_score``, in int64 pair counts and
     a float square root (no int overflow for large ``N``). ``0`` when no pair shares both.
     """
-    y_true, y_pred = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(
-            f"fowlkes_mallows: need equal, non-empty label arrays, got {y_true.size} true and "
-            f"{y_pred.size} predicted"
-        )
+    y_true, y_pred = _label_pair(y_true, y_pred, "fowlkes_mallows")
     table = _contingency(y_true, y_pred)
     n = y_true.size
     tp = int((table**2).sum()) - n
