@@ -27,19 +27,23 @@ PROTOCOLS = ["knn", "clustering", "linear"]
 COLUMNS = ("knn_acc", "linear_top1", "nmi")
 
 
+def run_dir(data: str, method: str, seed: int, hirl: bool) -> Path:
+    """``results/evidence/<data>/<method>-<hirl|base>-s<seed>``."""
+    return REPO / "results" / "evidence" / data / f"{method}-{'hirl' if hirl else 'base'}-s{seed}"
+
+
 def run_one(method: str, seed: int, hirl: bool, data: str, epochs: int | None,
             extra: list[str]) -> dict[str, float]:
     """Fit (or reuse) one run and return its final metrics."""
     import hirl_ray
 
-    name = f"{method}-{'hirl' if hirl else 'base'}-s{seed}"
-    run_dir = REPO / "results" / "evidence" / data / name
-    metrics_file = run_dir / "metrics.json"
+    folder = run_dir(data, method, seed, hirl)
+    metrics_file = folder / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
     overrides = [f"hirl.enabled={str(hirl).lower()}", f"train.seed={seed}",
                  f"eval.protocols={json.dumps(PROTOCOLS)}",
-                 f"storage.path={REPO / 'results' / 'evidence' / data}", f"storage.name={name}",
+                 f"storage.path={folder.parent}", f"storage.name={folder.name}",
                  *([f"train.epochs={epochs}"] if epochs else []), *extra]
     preset = REPO / "experiments" / "methods" / f"{method}.yaml"
     return dict(hirl_ray.fit(preset, overrides).metrics)
@@ -47,9 +51,9 @@ def run_one(method: str, seed: int, hirl: bool, data: str, epochs: int | None,
 
 def summarise(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """Mean ± std per (method, hirl) over seeds, and the HIRL − base difference of means."""
-    keys = sorted({k for r in rows for k in r["metrics"]
-                   if k.partition("/")[0] in COLUMNS}, key=lambda k: (
-        COLUMNS.index(k.partition("/")[0]), k))
+    seen = list(dict.fromkeys(k for r in rows for k in r["metrics"]))  # levels finest first
+    keys = sorted((k for k in seen if k.partition("/")[0] in COLUMNS),
+                  key=lambda k: (COLUMNS.index(k.partition("/")[0]), seen.index(k)))
     table: dict[str, Any] = {}
     for r in rows:
         cell = table.setdefault(r["method"], {}).setdefault("hirl" if r["hirl"] else "base", {})
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", default="synthetic", help="data.name (its data.* keys as overrides)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the preset's)")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="train nothing: summarise the runs that finished (e.g. after a stop)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run (data.root=…)")
     args = p.parse_args(argv)
     extra = [f"data.name={args.data}", *args.overrides]
@@ -87,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             for hirl in (False, True):
+                done = run_dir(args.data, method, seed, hirl) / "metrics.json"
+                if args.summarise_only and not done.is_file():
+                    continue
                 metrics = run_one(method, seed, hirl, args.data, args.epochs, extra)
                 rows.append({"method": method, "seed": seed, "hirl": hirl, "metrics": metrics})
     summary, table = summarise(rows)
