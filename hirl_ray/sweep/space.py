@@ -272,13 +272,12 @@ class TuneConfig:
                               f"got {list(metrics)!r}")
         # The form here; whether the experiment's eval.protocols report it (several kNN k add
         # keys, for one): sampling.check_against, which sees the whole experiment.
-        level_metrics = level_metric_prefixes()  # every registered protocol's
         for m in metrics:
             prefix, _, level = m.partition("/")
             if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
                     or (prefix and level and "/" not in level)):
                 raise ConfigError(f"{where}.metric: unknown metric {m!r}; use "
-                                  f"<{'|'.join(level_metrics)}>/<label level>, "
+                                  f"<{'|'.join(level_metric_prefixes())}>/<label level>, "
                                   f"{LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")
         if len(set(metrics)) != len(metrics):
             raise ConfigError(f"{where}.metric lists a metric twice: {list(metrics)}")
