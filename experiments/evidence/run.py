@@ -3,13 +3,16 @@
     python -m experiments.evidence.run                       # SimCLR, MoCo v2, SimSiam x 3 seeds
     python -m experiments.evidence.run --methods simclr --seeds 0 1 2 --epochs 10
     python -m experiments.evidence.run --data npz data.root=~/data/set.npz
+    python -m experiments.evidence.fashion_mnist          # once: a real set with a label tree
+    python -m experiments.evidence.run --data npz --name fashion_mnist \
+        data.root=data/fashion_mnist data.image_size=28
 
 Each (method, seed) pair trains twice from the method's preset (``experiments/methods/<m>.yaml``)
 with every setting equal except ``hirl.enabled``: same epochs, batch, lr, data order and
 evaluation (kNN, k-means NMI/ARI/ACC/FM per label level, linear probe picked on a validation split
 of train). Finished runs are kept and skipped when the command runs again. Results: one JSON per
-run under ``results/evidence/<data>/`` (the run folders) and ``experiments/evidence/results/
-<data>.json`` + ``.md`` (mean ± std over seeds, and HIRL − base).
+run under ``results/evidence/<name>/`` (the run folders; ``--name`` defaults to ``--data``) and
+``experiments/evidence/results/<name>.json`` + ``.md`` (mean ± std over seeds, and HIRL − base).
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ PROTOCOLS = ["knn", "clustering", "linear"]
 COLUMNS = ("knn_acc", "linear_top1", "nmi")
 
 
-def run_dir(data: str, method: str, seed: int, hirl: bool) -> Path:
-    """``results/evidence/<data>/<method>-<hirl|base>-s<seed>``."""
-    return REPO / "results" / "evidence" / data / f"{method}-{'hirl' if hirl else 'base'}-s{seed}"
+def run_dir(name: str, method: str, seed: int, hirl: bool) -> Path:
+    """``results/evidence/<name>/<method>-<hirl|base>-s<seed>``."""
+    return REPO / "results" / "evidence" / name / f"{method}-{'hirl' if hirl else 'base'}-s{seed}"
 
 
-def run_one(method: str, seed: int, hirl: bool, data: str, epochs: int | None,
-            extra: list[str]) -> dict[str, float]:
-    """Fit (or reuse) one run and return its final metrics."""
+def run_one(method: str, seed: int, hirl: bool, name: str, epochs: int | None,
+            extra: list[str], folder: Path | None = None) -> dict[str, float]:
+    """Fit (or reuse) one run (in ``folder``, default :func:`run_dir`); its final metrics."""
     import hirl_ray
 
-    folder = run_dir(data, method, seed, hirl)
+    folder = folder or run_dir(name, method, seed, hirl)
     metrics_file = folder / "metrics.json"
     if metrics_file.is_file():
         return json.loads(metrics_file.read_text())
@@ -83,26 +86,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["simclr", "mocov2", "simsiam"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", default="synthetic", help="data.name (its data.* keys as overrides)")
+    p.add_argument("--name", default=None, help="results name (default: --data)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the preset's)")
     p.add_argument("--summarise-only", action="store_true",
                    help="train nothing: summarise the runs that finished (e.g. after a stop)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run (data.root=…)")
     args = p.parse_args(argv)
     extra = [f"data.name={args.data}", *args.overrides]
+    name = args.name or args.data
     rows = []
     for method in args.methods:
         for seed in args.seeds:
             for hirl in (False, True):
-                done = run_dir(args.data, method, seed, hirl) / "metrics.json"
+                done = run_dir(name, method, seed, hirl) / "metrics.json"
                 if args.summarise_only and not done.is_file():
                     continue
-                metrics = run_one(method, seed, hirl, args.data, args.epochs, extra)
+                metrics = run_one(method, seed, hirl, name, args.epochs, extra)
                 rows.append({"method": method, "seed": seed, "hirl": hirl, "metrics": metrics})
     summary, table = summarise(rows)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.data}.json").write_text(json.dumps(
+    (OUT / f"{name}.json").write_text(json.dumps(
         {"args": vars(args), "runs": rows, "summary": summary}, indent=2, default=float))
-    (OUT / f"{args.data}.md").write_text(table + "\n")
+    (OUT / f"{name}.md").write_text(table + "\n")
     print(table)
     return 0
 
