@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+from typing import Any
 
-from experiments.evidence.run import OUT, REPO, run_one, summarise
+from experiments.evidence.run import COLUMNS, OUT, REPO, run_one
 
 #: row -> overrides on top of the preset with HIRL on (one factor the issue names per row).
 ROWS: dict[str, list[str]] = {
@@ -39,6 +41,23 @@ ROWS: dict[str, list[str]] = {
     "rebuild_4": ["hirl.rebuild_every_epochs=4"],
     "neg_paths_400": ["hirl.num_neg_paths=400"],
 }
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """One line per row: its overrides and mean (± std over seeds) of the evidence metrics."""
+    seen = list(dict.fromkeys(k for r in runs for k in r["metrics"]))  # finest level first
+    keys = sorted((k for k in seen if k.partition("/")[0] in COLUMNS),
+                  key=lambda k: (COLUMNS.index(k.partition("/")[0]), seen.index(k)))
+    lines = ["| row | overrides | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in dict.fromkeys(r["row"] for r in runs):
+        cells = []
+        for k in keys:
+            vals = [float(r["metrics"][k]) for r in runs if r["row"] == row and k in r["metrics"]]
+            sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+            cells.append(f"{statistics.mean(vals):.3f}{sd}" if vals else "—")
+        change = ", ".join(f"`{o}`" for o in ROWS[row]) or "preset (HIRL on)"
+        lines.append(f"| {row} | {change} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,17 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             hirl = "hirl.enabled=false" not in ROWS[row]
             metrics = run_one(args.method, seed, hirl, "investigate", None,
                               [*common, *ROWS[row]], folder=folder)
-            # summarise() groups by (method, hirl): the row plays the method's part here.
-            rows.append({"method": row, "seed": seed, "hirl": True, "metrics": metrics})
-    summary, table = summarise(rows)
-    table = "\n".join(line for line in table.splitlines() if "| Δ |" not in line)
+            rows.append({"row": row, "seed": seed, "metrics": metrics})
+    text = table(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     stem = OUT / f"investigate_{args.method}"
     stem.with_suffix(".json").write_text(json.dumps(
-        {"args": {**vars(args), "data_root": str(args.data_root)}, "rows": ROWS, "runs": rows,
-         "summary": summary}, indent=2, default=float))
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(table)
+        {"args": {**vars(args), "data_root": str(args.data_root)}, "rows": ROWS, "runs": rows},
+        indent=2, default=float))
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
     return 0
 
 
