@@ -284,7 +284,8 @@ def cluster_concentration(
 
     ``phi_c = mean(||v - c||) / log(n_c + 10)`` over the ``n_c > 1`` members of cluster ``c``;
     clusters with ``n_c <= 1`` take the largest ``phi``; then clip to the 10th/90th percentile and
-    rescale so the mean is ``temperature``. Same numbers as PCL's per-cluster Python loop.
+    rescale so the mean is ``temperature``. Same numbers as PCL's per-cluster Python loop, except
+    that a ``phi`` of 0 (every member on its centroid) becomes the smallest positive one.
 
     Args:
         sq_dist: ``(n,)`` squared L2 distance of every member to its centroid.
@@ -302,6 +303,11 @@ def cluster_concentration(
     density[multi] = dist_sum[multi] / counts[multi] / np.log(counts[multi] + 10)
     density[~multi] = density.max()
     density = density.clip(np.percentile(density, 10), np.percentile(density, 90))
+    positive = density > 0
+    if positive.any():
+        # Members all on their centroid (duplicate points) would give phi = 0, an infinite
+        # inverse temperature: such a cluster takes the tightest positive phi instead.
+        density[~positive] = density[positive].min()
     mean = density.mean()
     if not np.isfinite(mean) or mean <= 0:
         # All members sit on their centroids (duplicates): PCL would divide by zero here.
