@@ -42,7 +42,7 @@ def _run(model, opt, batches, guard, *, epoch=0, step=0):
 
 def _state(model, opt) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for i, (p, st) in enumerate(opt.state.items()):
+    for i, st in enumerate(opt.state.values()):
         out.update({f"opt.{i}.{k}": v.detach().clone() for k, v in st.items()
                     if isinstance(v, torch.Tensor)})
     return out

@@ -77,9 +77,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_rgb(path: str) -> Image.Image:
     """Decode the whole file now (a truncated one fails here, not in a transform); 8-bit RGB."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
+    img = Image.open(path)  # by name: Pillow closes the file once the pixels are loaded
+    try:
         img.load()
+    except BaseException:
+        img.close()
+        raise
     return to_rgb(img)
 
 

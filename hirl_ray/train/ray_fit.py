@@ -176,14 +176,20 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
     # The task parses the checkpoint's config: import the modules registering its method first.
     metrics = ray.get(remote_eval.remote(registering_modules(cfg), evaluate_checkpoint, final,
                                          hierarchy_dir, device))
-    trained = dict(read_meta(final).metrics)
-    skipped = trained.pop("bad_files_skipped", 0)  # data.on_bad_file=skip, all ranks
-    metrics = {**{f"train/{k}": v for k, v in trained.items()},
-               "data/bad_files_skipped": skipped, **metrics}
+    metrics = final_metrics(read_meta(final).metrics, metrics)
     storage.write_text(LAYOUT.metrics_file(run_dir), json.dumps(metrics, indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)
     return FitResult(metrics=metrics, checkpoint_path=str(final),
                      hierarchy_path=snapshot, run_dir=run_dir)
+
+
+def final_metrics(trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json``: the last epoch's metrics as ``train/…``, the count of skipped files
+    (``data.on_bad_file=skip``, all ranks) as ``data/bad_files_skipped``, then the evaluation."""
+    trained = dict(trained)
+    skipped = trained.pop("bad_files_skipped", 0)  # 0 in checkpoints from before the count
+    return {**{f"train/{k}": v for k, v in trained.items()},
+            "data/bad_files_skipped": skipped, **evaluated}
 
 
 def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
