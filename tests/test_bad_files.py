@@ -147,6 +147,26 @@ def test_loader_worker_processes_share_the_count(tmp_path):
     assert bad_files_skipped(build_dataset(DataConfig(), "train"), torch.device("cpu")) == 0
 
 
+def test_s3_image_folders_take_the_same_path(s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("HIRL_RAY_CACHE", str(tmp_path / "cache"))
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="hirl-bad-files")
+    files = {"train/a/0.png": _png(np.full((8, 8, 3), 10, np.uint8)), "train/a/1.png": b"",
+             "train/a/2.png": _png(np.full((8, 8, 3), 20, np.uint8)),
+             "val/a/0.png": _png(np.full((8, 8, 3), 30, np.uint8))}
+    for key, body in files.items():
+        s3.put_object(Bucket="hirl-bad-files", Key=f"set/{key}", Body=body)
+    cfg = DataConfig(name="imagefolder", root="s3://hirl-bad-files/set")
+    with pytest.raises(BadImageFile, match=r"cannot read image .*/set/train/a/1.png"):
+        build_dataset(cfg, "train")[1]
+    skipping = build_dataset(DataConfig(name="imagefolder", root=cfg.root, on_bad_file="skip"),
+                             "train")
+    assert [_value(skipping[i][0]) for i in range(3)] == [10, 20, 20]
+    assert int(skipping.bad_file_mask().sum()) == 1
+
+
 def test_on_bad_file_is_checked():
     assert load_config(None).data.on_bad_file == "error"
     with pytest.raises(ConfigError, match="data.on_bad_file must be one of error, skip"):
