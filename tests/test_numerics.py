@@ -205,3 +205,28 @@ def test_a_stop_raised_in_a_worker_shows_as_one_line():
     assert wrapped.summary == "cannot read image /d/a.jpg (x)"
     assert isinstance(wrapped, RunStopped)
     assert NonFiniteError("one line").summary == "one line"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_with_amp_a_skipped_step_changes_nothing():
+    # AMP: the GradScaler skips the optimiser step on NaN gradients; the guard flags the NaN
+    # loss and undoes the rest (queue, key encoder, BN statistics). AdamW keeps its step count
+    # on the GPU (capturable), so nothing here needs a host read per step.
+    cuda = torch.device("cuda")
+    cfg, model, _ = _moco("adamw")
+    model = model.to(cuda)
+    opt = build_optimizer(model.param_groups(), cfg.train, capturable=True)
+    guard = NanGuard(model, opt, cuda, policy="skip_step")
+    scaler = torch.amp.GradScaler("cuda")
+
+    def run(batches, step):
+        batches = [([v.to(cuda) for v in views], i.to(cuda)) for views, i in batches]
+        return train_epoch(model, batches, opt, epoch=0, step=step, total_steps=100,
+                           base_lr=0.1, warmup_steps=0, hierarchy=StaticHierarchy(None),
+                           device=cuda, scaler=scaler, guard=guard)
+
+    _, step = run([_batch(0), _batch(1)], 0)
+    before = _state(model, opt)
+    stats, _ = run([_batch(2, nan=True)], step)
+    assert stats.nan_skipped == 1
+    assert _same(before, _state(model, opt))

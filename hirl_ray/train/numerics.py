@@ -49,9 +49,10 @@ def grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None = None)
     ``torch.nn.utils.clip_grad_norm_`` without a host read; the norm is the one before
     clipping. Parameters without a gradient are left out; none at all gives 0.
     """
-    params = [p for p in parameters if p.grad is not None]
+    every = list(parameters)
+    params = [p for p in every if p.grad is not None]
     if not params:
-        return torch.zeros(())
+        return torch.zeros((), device=every[0].device if every else None)
     if max_norm is not None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params])
