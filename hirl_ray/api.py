@@ -107,7 +107,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Human summary of the final metrics (grouped per label level)."""
     lines = []
     for key in sorted(metrics):
-        if "/" in key and not key.startswith("train/"):  # every protocol's <prefix>/<...>
+        if "/" in key and not key.startswith(("train/", "data/")):  # protocols' <prefix>/<...>
             value = metrics[key]
             lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float)
                          else f"  {key:<34} {value}")

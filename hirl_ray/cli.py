@@ -7,7 +7,7 @@ import json
 import sys
 
 from hirl_ray import storage
-from hirl_ray.config import ConfigError, parse_override
+from hirl_ray.config import ConfigError, RunStopped, parse_override
 from hirl_ray.logs import console
 from hirl_ray.runs import LAYOUT
 
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"hirl-ray: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # train.on_nan, data.on_bad_file: the step or file, and the fix
+        print(f"hirl-ray: error: {e.summary}", file=sys.stderr)
+        return 1
     return 0
 
 

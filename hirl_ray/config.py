@@ -39,6 +39,23 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose by a policy (``train.on_nan``, ``data.on_bad_file``).
+
+    The message's last line names the step or file and the fix. Raised in a Ray worker or a
+    DataLoader worker process, it arrives wrapped in their tracebacks; :attr:`summary` is the
+    one line to show.
+    """
+
+    @property
+    def summary(self) -> str:
+        """The last line of the message, without a ``module.Class:`` prefix added on the way."""
+        lines = [line.strip() for line in str(self).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        head, sep, rest = last.partition(": ")
+        return rest if sep and head.rsplit(".", 1)[-1] == type(self).__name__ else last
+
+
 class Registry:
     """The names one config key accepts, each with what implements it.
 
@@ -122,6 +139,10 @@ def check_fraction(key: str, value: float, upper_open: bool = True) -> None:
 
 # ---- sections ----------------------------------------------------------------------------
 
+#: ``data.on_bad_file``: what an unreadable image file does.
+ON_BAD_FILE = ("error", "skip")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from; ``name`` is one of ``DATASETS`` (synthetic, imagefolder, …)."""
@@ -134,10 +155,14 @@ class DataConfig:
     test_per_class: int = 40
     seed: int = 0
     loader_workers: int = 0
+    # An unreadable image (corrupt, truncated, empty, not an image): error = stop naming the
+    # file; skip = use the next readable one, counted in data/bad_files_skipped.
+    on_bad_file: str = "error"
 
     def check(self, where: str) -> None:
         check_positive(self, where, "image_size", "train_per_class", "test_per_class")
         check_positive(self, where, "loader_workers", strict=False)
+        check_choice(f"{where}.on_bad_file", self.on_bad_file, ON_BAD_FILE)
         check_choice(f"{where}.name", self.name, DATASETS.names())
         if getattr(DATASETS.get(self.name), "needs_root", True) and not self.root:
             raise ConfigError(f"{where}.root is required for {where}.name={self.name!r}; "
@@ -235,6 +260,8 @@ class HirlConfig:
 
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
+#: ``train.on_nan``: what a step with a non-finite loss or gradient does.
+ON_NAN = ("stop", "skip_step")
 
 
 @dataclass(frozen=True)
@@ -257,13 +284,24 @@ class TrainConfig:
     # GPUs each worker reserves when use_gpu (a fraction shares one GPU, e.g. with the actor).
     gpus_per_worker: float = 1.0
     max_failures: int = 0
+    # Non-finite loss or gradients: stop (error naming the step; no checkpoint for that epoch)
+    # or skip_step (the step changes nothing; counted in the epoch metric nan_skipped).
+    on_nan: str = "stop"
+    # skip_step: stop once this many steps in a row were non-finite.
+    max_nan_skips: int = 10
+    # Clip the global L2 norm of the gradients to this before the optimiser step (null: off).
+    grad_clip: float | None = None
 
     def check(self, where: str) -> None:
         check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
-                       "cpus_per_worker", "gpus_per_worker")
+                       "cpus_per_worker", "gpus_per_worker", "max_nan_skips")
         check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
                        strict=False)
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(f"{where}.on_nan", self.on_nan, ON_NAN)
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"{where}.grad_clip must be a positive max gradient norm or null "
+                              f"(no clipping), got {self.grad_clip}")
         if self.weight_decay_end is not None and self.weight_decay_end < 0:
             raise ConfigError(f"{where}.weight_decay_end must be >= 0 or null, "
                               f"got {self.weight_decay_end}")

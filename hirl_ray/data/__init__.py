@@ -33,7 +33,7 @@ def _synthetic(cfg: DataConfig, split: str) -> HierDataset:
 def _imagefolder(cfg: DataConfig, split: str) -> HierDataset:
     from hirl_ray.data.folder import ImageFolderDataset
 
-    return ImageFolderDataset(str(cfg.root), split)
+    return ImageFolderDataset(str(cfg.root), split, cfg.on_bad_file)
 
 
 def _npz(cfg: DataConfig, split: str) -> HierDataset:

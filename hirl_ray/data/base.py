@@ -37,6 +37,11 @@ class HierDataset(Dataset):
         """The raw image of sample ``i`` (subclasses implement this)."""
         raise NotImplementedError
 
+    def bad_file_mask(self) -> torch.Tensor | None:
+        """``(N,)`` uint8, 1 where an unreadable file was skipped (``data.on_bad_file=skip``);
+        ``None`` for sets that read no files per sample."""
+        return None
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.image(i), int(i)
 

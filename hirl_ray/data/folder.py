@@ -1,7 +1,14 @@
 """ImageNet-layout image folders: ``root/{train,val|test}/<class>/<image>``.
 
-Images stay on disk and are decoded lazily as RGB ``PIL.Image`` objects; the transform
+Images stay on disk and are decoded lazily as 8-bit RGB ``PIL.Image`` objects (:func:`load_rgb`:
+grayscale, palette, CMYK, RGBA and 16-bit files included); the transform
 (``multi_view_transform`` / ``eval_transform``) crops them to ``data.image_size``.
+
+A file that cannot be decoded (corrupt, truncated, empty, not an image) follows
+``data.on_bad_file``: ``error`` stops with :class:`BadImageFile` naming it; ``skip`` serves the
+next readable image of the split in its place (deterministically: the next index) and marks the
+file in a shared-memory byte mask, so DataLoader worker processes and later epochs share what
+was found and :meth:`ImageFolderDataset.bad_file_mask` counts each file once.
 """
 
 from __future__ import annotations
@@ -9,11 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from hirl_ray.config import ConfigError
+from hirl_ray.config import ON_BAD_FILE, ConfigError, RunStopped
 from hirl_ray.data.base import HierDataset
+from hirl_ray.logs import get_logger
+
+log = get_logger(__name__)
 
 # Which folder names serve each split, in order of preference (ImageNet calls its test split "val").
 SPLIT_FOLDERS = {"train": ("train",), "test": ("val", "test")}
@@ -32,6 +43,49 @@ def _split_dir(root: Path, split: str) -> Path:
     )
 
 
+class BadImageFile(RunStopped):
+    """An image file could not be decoded and ``data.on_bad_file`` is ``error``."""
+
+
+#: Modes holding 16-bit samples (PNG/TIFF grey); "I" is 32-bit but 16-bit files open as it too.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: Modes with an alpha channel, composited over white (as a viewer shows them), not dropped.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB with what it shows kept.
+
+    ``Image.convert("RGB")`` clips 16-bit values at 255 (a white image) and drops alpha (the
+    colour under transparent pixels, often black or junk, shows). Here 16-bit samples are scaled
+    by 255/65535, floats in [0, 1] by 255, and alpha is composited over white; every other mode
+    (L, 1, P, CMYK, YCbCr, …) converts as usual.
+    """
+    if img.mode in _WIDE_MODES or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif img.mode != "I" or (a.size and a.max() > 255):
+            a = a / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode the whole file now (a truncated one fails here, not in a transform); 8-bit RGB."""
+    img = Image.open(path)  # by name: Pillow closes the file once the pixels are loaded
+    try:
+        img.load()
+    except BaseException:
+        img.close()
+        raise
+    return to_rgb(img)
+
+
 class ImageFolderDataset(HierDataset):
     """One split of an image folder; labels are (N, 1) class indices.
 
@@ -41,9 +95,13 @@ class ImageFolderDataset(HierDataset):
     Args:
         root: the dataset root holding the split folders.
         split: ``"train"`` or ``"test"`` (read from ``val/`` or ``test/``).
+        on_bad_file: ``data.on_bad_file``: ``"error"`` or ``"skip"`` (see the module docstring).
     """
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    def __init__(self, root: str | Path, split: str, on_bad_file: str = "error") -> None:
+        if on_bad_file not in ON_BAD_FILE:
+            raise ConfigError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, "
+                              f"got {on_bad_file!r}")
         root = Path(root).expanduser()
         if not root.is_dir():
             raise ConfigError(
@@ -78,6 +136,38 @@ class ImageFolderDataset(HierDataset):
         self.paths = [p for p, _ in samples]
         self.labels = np.asarray([t for _, t in samples], dtype=np.int64).reshape(-1, 1)
         self.level_names = LEVEL_NAMES
+        self.on_bad_file = on_bad_file
+        # One byte per file, in shared memory: DataLoader worker processes (forked or spawned)
+        # write the same bytes, so the parent process sees what they found.
+        self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
     def image(self, i: int) -> Image.Image:
-        return default_loader(self.paths[i])  # PIL, converted to RGB
+        """Sample ``i`` as RGB; an unreadable file raises or is replaced (``on_bad_file``)."""
+        n = len(self.paths)
+        for j in (i + step for step in range(n)):
+            j %= n
+            if self._bad[j]:
+                continue
+            try:
+                return load_rgb(self.paths[j])
+            # Whatever a decoder raises on a damaged file (OSError, SyntaxError, struct.error,
+            # DecompressionBombError, …) means this file is bad.
+            except Exception as e:  # noqa: BLE001
+                why = f"{type(e).__name__}: {e}"
+                if self.on_bad_file == "error":
+                    raise BadImageFile(
+                        f"cannot read image {self.paths[j]} ({why}); replace or delete the "
+                        "file, or set data.on_bad_file=skip") from None
+                self._bad[j] = 1
+                log.warning("skipping unreadable image %s (%s); data.on_bad_file=skip",
+                            self.paths[j], why)
+        raise BadImageFile(f"data.root={self.root}: no image of the split could be read "
+                           "(every file failed to decode); check the files")
+
+    def bad_file_mask(self) -> torch.Tensor:
+        """``(N,)`` uint8: 1 for every file found unreadable and skipped so far."""
+        return self._bad
+
+    def bad_files(self) -> list[str]:
+        """Paths of the files skipped so far."""
+        return [self.paths[j] for j in torch.nonzero(self._bad).flatten().tolist()]

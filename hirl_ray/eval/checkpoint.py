@@ -209,7 +209,7 @@ def _param_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dic
 
 def _sample_keys(cfg: DataConfig) -> DataConfig:
     """``cfg`` without the keys that do not change which samples a split holds."""
-    return dataclasses.replace(cfg, loader_workers=0)
+    return dataclasses.replace(cfg, loader_workers=0, on_bad_file="error")
 
 
 def run_checkpoint_evaluation(

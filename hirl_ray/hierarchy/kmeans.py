@@ -284,7 +284,8 @@ def cluster_concentration(
 
     ``phi_c = mean(||v - c||) / log(n_c + 10)`` over the ``n_c > 1`` members of cluster ``c``;
     clusters with ``n_c <= 1`` take the largest ``phi``; then clip to the 10th/90th percentile and
-    rescale so the mean is ``temperature``. Same numbers as PCL's per-cluster Python loop.
+    rescale so the mean is ``temperature``. Same numbers as PCL's per-cluster Python loop, except
+    that a ``phi`` of 0 (every member on its centroid) becomes the smallest positive one.
 
     Args:
         sq_dist: ``(n,)`` squared L2 distance of every member to its centroid.
@@ -302,6 +303,11 @@ def cluster_concentration(
     density[multi] = dist_sum[multi] / counts[multi] / np.log(counts[multi] + 10)
     density[~multi] = density.max()
     density = density.clip(np.percentile(density, 10), np.percentile(density, 90))
+    positive = density > 0
+    if positive.any():
+        # Members all on their centroid (duplicate points) would give phi = 0, an infinite
+        # inverse temperature: such a cluster takes the tightest positive phi instead.
+        density[~positive] = density[positive].min()
     mean = density.mean()
     if not np.isfinite(mean) or mean <= 0:
         # All members sit on their centroids (duplicates): PCL would divide by zero here.
@@ -350,24 +356,83 @@ def _kmeans_level(
     # Our own subsample, in place (see _training_subset); faiss then trains on all it gets.
     with _training_subset(points, k * max_points_per_centroid, seed + level) as sample:
         clus.train(sample, _flat_index(dim, faiss.METRIC_L2, gpu_res))
-    centroids = _l2_normalise(faiss.vector_to_array(clus.centroids).reshape(k, dim))
-    index = _flat_index(dim, faiss.METRIC_INNER_PRODUCT, gpu_res)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, dim)
+    broken = ~np.isfinite(centroids).all(axis=1)
+    if broken.any():
+        # Never hand NaN prototypes to the loss: such a row attracts nothing below and is
+        # re-seeded like an empty cluster.
+        logger.warning("hierarchy level %d: %d non-finite centroids from faiss; re-seeding them",
+                       level, int(broken.sum()))
+        centroids[broken] = 0.0
+    centroids = _l2_normalise(centroids)
+    labels, sq_dist = _assign(points, centroids, gpu_res)
+    return _reseed_empty(points, centroids, labels, sq_dist, level, gpu_res)
+
+
+def _assign(points: np.ndarray, centroids: np.ndarray, gpu_res: Any
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest normalised centroid (highest cosine) of every point and its squared distance."""
+    index = _flat_index(points.shape[1], faiss.METRIC_INNER_PRODUCT, gpu_res)
     index.add(centroids)
     sim, labels = index.search(points, 1)
     # ||x - c||^2 with unit-norm c; kept exact for (rare) all-zero feature rows.
     sq_dist = np.einsum("ij,ij->i", points, points) - 2.0 * sim[:, 0] + 1.0
-    return centroids, labels[:, 0].astype(np.int64), sq_dist
+    return labels[:, 0].astype(np.int64), sq_dist
+
+
+#: A point this close (squared L2) to its centroid sits on it: no new cluster can start there.
+_ON_CENTROID = 1e-6
+#: Re-seeding rounds per level (each is one assignment pass over the points).
+_RESEED_ROUNDS = 5
+
+
+def _reseed_empty(points: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
+                  sq_dist: np.ndarray, level: int, gpu_res: Any
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give empty clusters a member: re-seed each at the farthest point of a populous cluster.
+
+    faiss can end with empty clusters or collapse to one (faiss #3818), most often when the
+    features hold fewer distinct points than clusters (a collapsed encoder). Per round, every
+    cluster with at least two members offers its point farthest from its centroid (one that
+    does not sit on it); the farthest offers become the empty clusters' centroids, then every
+    point is assigned again. Clusters that stay empty (no distinct point left) are kept, with a
+    warning from the caller: their centroids are finite unit vectors that no sample uses.
+    """
+    k = centroids.shape[0]
+    reseeded = 0
+    for _ in range(_RESEED_ROUNDS):
+        counts = np.bincount(labels, minlength=k)
+        empty = np.flatnonzero(counts == 0)
+        if not empty.size:
+            break
+        order = np.argsort(-sq_dist, kind="stable")
+        clusters, first = np.unique(labels[order], return_index=True)
+        far = order[first]  # the farthest member of every non-empty cluster
+        # An all-zero row has cosine 0 to every centroid: no cluster can be built on it.
+        nonzero = np.einsum("ij,ij->i", points[far], points[far]) > 0.5
+        offers = far[(counts[clusters] >= 2) & (sq_dist[far] > _ON_CENTROID) & nonzero]
+        if not offers.size:
+            break
+        offers = offers[np.argsort(-sq_dist[offers], kind="stable")][:empty.size]
+        centroids[empty[:offers.size]] = _l2_normalise(points[offers])
+        reseeded += offers.size
+        labels, sq_dist = _assign(points, centroids, gpu_res)
+    if reseeded:
+        logger.warning("hierarchy level %d: %d re-seeds of empty clusters at the farthest "
+                       "points of populous clusters (faiss #3818)", level, reseeded)
+    return centroids, labels, sq_dist
 
 
 def _warn_empty(level: int, labels: np.ndarray, k: int, what: str) -> None:
     counts = np.bincount(labels, minlength=k)
     empty = int((counts == 0).sum())
     if empty:
-        # faiss can leave clusters empty or collapse (faiss #3818); training still works, but the
-        # tree has dead branches, so make it visible instead of crashing.
+        # Left after re-seeding (_reseed_empty): the points hold no further distinct point.
+        # Training still works, but the tree has dead branches, so make it visible.
         collapsed = "; all collapsed into one cluster" if empty == k - 1 else ""
         logger.warning(
-            "hierarchy level %d: %d of %d clusters have no %s (largest: %d of %d)%s",
+            "hierarchy level %d: %d of %d clusters have no %s (largest: %d of %d)%s; the "
+            "inputs hold only about %d distinct points (a collapsed encoder?)",
             level,
             empty,
             k,
@@ -375,6 +440,7 @@ def _warn_empty(level: int, labels: np.ndarray, k: int, what: str) -> None:
             int(counts.max()),
             len(labels),
             collapsed,
+            k - empty,
         )
 
 
@@ -436,6 +502,11 @@ def fit_hierarchy(
     in_place = overwrite_features and _is_own_buffer(x)
     points = _l2_normalise(x, out=x if in_place else None)
     del x
+    zero = sum(int((np.einsum("ij,ij->i", points[r], points[r]) < 0.5).sum())
+               for r in _row_chunks(*points.shape))
+    if zero:
+        logger.warning("fit_hierarchy: %d of %d feature rows are all-zero (cosine 0 to every "
+                       "prototype; a collapsed encoder?)", zero, points.shape[0])
     centroids, parents, assignments, densities = [], [], [], []
     for level, k in enumerate(ks):
         c, labels, sq_dist = _kmeans_level(

@@ -19,6 +19,7 @@ from torch import nn
 from hirl_ray.config import HirlConfig
 from hirl_ray.hierarchy import PrototypeHierarchy
 from hirl_ray.schedules import cosine_lr, weight_decay_schedule
+from hirl_ray.train.numerics import NanGuard
 from hirl_ray.train.optim import apply_schedule
 
 __all__ = ["EpochStats", "HierarchySource", "StaticHierarchy", "cosine_lr", "format_epoch",
@@ -62,6 +63,8 @@ class EpochStats:
     seconds: float
     lr: float
     hierarchy_version: int
+    #: Steps with a non-finite loss or gradient this epoch (skipped under train.on_nan=skip_step).
+    nan_skipped: int = 0
 
     @property
     def samples_per_s(self) -> float:
@@ -106,8 +109,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 scaler: torch.amp.GradScaler | None = None,
                 generator: torch.Generator | None = None,
                 max_steps: int | None = None, poll_every: int = 1,
-                weight_decay: tuple[float, float | None] | None = None
-                ) -> tuple[EpochStats, int]:
+                weight_decay: tuple[float, float | None] | None = None,
+                guard: NanGuard | None = None) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
@@ -123,6 +126,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     ``(train.weight_decay, train.weight_decay_end)``; with an end value the groups without
     their own weight decay follow a cosine between the two; ``None`` or no end value leaves
     every group's weight decay as built.
+
+    ``guard`` (:class:`~hirl_ray.train.numerics.NanGuard`, default: ``train.on_nan=stop`` without
+    clipping) flags non-finite steps on the device, clips the gradients after AMP's unscale
+    and before the hook, and restores a skipped step after ``update_target``; the host reads its
+    counters every ``guard.check_every`` steps and at the end, where it may raise
+    :class:`~hirl_ray.train.numerics.NonFiniteError`. Skipped steps are left out of the averages.
     """
     model.train()
     inner = unwrap(model)
@@ -130,8 +139,11 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     # Loss sums stay on the device: reading a CUDA scalar (float(), .item()) blocks the host until
     # the GPU has finished the step, so per-step reads would serialise the input pipeline and the
     # GPU. One read at the end of the epoch.
-    totals = torch.zeros(3, device=device)  # loss, method loss, semantic loss
+    # loss, method loss, semantic loss, good steps, good steps with a semantic loss
+    totals = torch.zeros(5, device=device)
     steps = samples = semantic_steps = 0
+    guard = guard if guard is not None else NanGuard(inner, optimizer, device)
+    guard.begin_epoch()
     lr = base_lr
     start = time.perf_counter()
     for views, index in loader:
@@ -145,6 +157,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         apply_schedule(optimizer, lr, base_lr, wd)
         views = [_to_device(v, device) for v in views]
         index = index.to(device, non_blocking=True)
+        guard.before_forward()
         with torch.autocast(device.type, enabled=use_amp):
             out = model(views, index, h, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -158,6 +171,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             inner.drop_head_grads()
         if use_amp:
             scaler.unscale_(optimizer)  # the hook sees (and may clip) the real gradients
+        guard.after_backward(out.loss, amp=use_amp)  # flag non-finite; train.grad_clip
         if hasattr(inner, "after_backward"):
             inner.after_backward(step, epoch)
         if use_amp:
@@ -166,28 +180,38 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         else:
             optimizer.step()
         inner.method.update_target(min(1.0, (step + 1) / total_steps))
+        guard.after_step(step)  # skip_step: a bad step is undone here
         step += 1
         steps += 1
         samples += index.shape[0]
         semantic = out.semantic_loss
+        good = guard.good
         if semantic is not None:
             semantic_steps += 1
+            semantic_good = good
         else:
-            semantic = totals.new_zeros(())
-        totals += torch.stack([out.loss.detach(), out.method_loss, semantic.detach()]).float()
+            semantic, semantic_good = totals.new_zeros(()), totals.new_zeros(())
+        losses = torch.stack([out.loss.detach(), out.method_loss, semantic.detach()]).float()
+        totals += torch.cat([guard.masked(losses), torch.stack([good, semantic_good])])
+        if guard.due(steps):
+            guard.check(epoch)
         if max_steps is not None and steps >= max_steps:
             break
     if steps == 0:
         raise RuntimeError("the training loader yielded no batch: train.batch_size is larger "
                            "than the worker's share of the dataset; lower train.batch_size")
+    nan_skipped = guard.check(epoch)  # raises under train.on_nan=stop
     current = hierarchy.current
-    loss_sum, method_sum, semantic_sum = totals.tolist()  # the epoch's one host read
+    # The epoch's one read of the losses; a skipped step's are not in the sums.
+    loss_sum, method_sum, semantic_sum, good_steps, good_semantic = totals.tolist()
     stats = EpochStats(
-        epoch=epoch, loss=loss_sum / steps, method_loss=method_sum / steps,
-        semantic_loss=semantic_sum / semantic_steps if semantic_steps else None,
+        epoch=epoch, loss=loss_sum / good_steps if good_steps else float("nan"),
+        method_loss=method_sum / good_steps if good_steps else float("nan"),
+        semantic_loss=semantic_sum / good_semantic if good_semantic else None,
         semantic_steps=semantic_steps, steps=steps, samples=samples,
         seconds=time.perf_counter() - start, lr=lr,
-        hierarchy_version=current.version if current is not None else 0)
+        hierarchy_version=current.version if current is not None else 0,
+        nan_skipped=nan_skipped)
     return stats, step
 
 

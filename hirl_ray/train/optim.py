@@ -103,13 +103,16 @@ def _as_groups(groups: Iterable[Any]) -> list[dict[str, Any]]:
     return [g for g in out if g["params"]]
 
 
-def build_optimizer(groups: Iterable[Any], train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(groups: Iterable[Any], train: TrainConfig,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     """``train.optimizer`` over ``groups``: SGD (momentum 0.9), AdamW or LARS.
 
     Args:
         groups: Parameter groups (``HirlModel.param_groups()``), or plain parameters.
         train: The ``train:`` section: ``optimizer``, ``lr`` and ``weight_decay`` (the default
             of groups without their own).
+        capturable: AdamW keeps its step counter on the parameters' device (CUDA only), so
+            ``train.on_nan=skip_step`` can undo a step without a host sync; same updates.
 
     Returns:
         The optimiser; its groups keep their extra keys (``lr_scale``, ``fixed_lr``, …) for
@@ -117,7 +120,8 @@ def build_optimizer(groups: Iterable[Any], train: TrainConfig) -> torch.optim.Op
     """
     groups = _as_groups(groups)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay,
+                                 capturable=capturable)
     if train.optimizer == "lars":
         return LARS(groups, lr=train.lr, momentum=MOMENTUM, weight_decay=train.weight_decay)
     return torch.optim.SGD(groups, lr=train.lr, momentum=MOMENTUM,

@@ -16,7 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from hirl_ray import storage
-from hirl_ray.config import ExperimentConfig
+from hirl_ray.config import ExperimentConfig, RunStopped
 from hirl_ray.eval.checkpoint import evaluate_checkpoint
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
 from hirl_ray.hierarchy.memory import (
@@ -121,9 +121,35 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
         if actor is not None and rebuild_memory is not None and os.environ.get("RAY_ADDRESS"):
             check_actor_node_memory(actor, rebuild_memory)
         trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        stopped = policy_stop(e)
+        if stopped is None:
+            raise
+        raise stopped from None  # one line (train.on_nan, data.on_bad_file), not Ray's pages
     finally:
         if actor is not None:
             ray.kill(actor)
+
+
+def policy_stop(error: BaseException) -> RunStopped | None:
+    """The :class:`~hirl_ray.config.RunStopped` a worker raised inside Ray's failure, if any.
+
+    Ray Train wraps a worker's exception (``worker_failures``, each a
+    ``UserExceptionWithTraceback`` holding the original); a DataLoader worker's arrives
+    re-raised with its traceback in the message (:attr:`RunStopped.summary` is its last line).
+    """
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RunStopped):
+            return type(e)(e.summary)
+        todo += [getattr(e, "_base_exc", None), e.__cause__, e.__context__,
+                 *getattr(e, "worker_failures", {}).values()]
+    return None
 
 
 def _say_actor_faiss(actor: Any, timeout_s: float = 30.0) -> None:
@@ -150,11 +176,20 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
     # The task parses the checkpoint's config: import the modules registering its method first.
     metrics = ray.get(remote_eval.remote(registering_modules(cfg), evaluate_checkpoint, final,
                                          hierarchy_dir, device))
-    metrics = {**{f"train/{k}": v for k, v in read_meta(final).metrics.items()}, **metrics}
+    metrics = final_metrics(read_meta(final).metrics, metrics)
     storage.write_text(LAYOUT.metrics_file(run_dir), json.dumps(metrics, indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)
     return FitResult(metrics=metrics, checkpoint_path=str(final),
                      hierarchy_path=snapshot, run_dir=run_dir)
+
+
+def final_metrics(trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json``: the last epoch's metrics as ``train/…``, the count of skipped files
+    (``data.on_bad_file=skip``, all ranks) as ``data/bad_files_skipped``, then the evaluation."""
+    trained = dict(trained)
+    skipped = trained.pop("bad_files_skipped", 0)  # 0 in checkpoints from before the count
+    return {**{f"train/{k}": v for k, v in trained.items()},
+            "data/bad_files_skipped": skipped, **evaluated}
 
 
 def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
@@ -163,4 +198,9 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     init_ray()
     train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
     log.info("evaluating the final checkpoint (%s)…", ", ".join(cfg.eval.protocols))
-    return final_evaluation(cfg, run_dir)
+    result = final_evaluation(cfg, run_dir)
+    skipped = result.metrics.get("data/bad_files_skipped", 0)
+    if skipped:
+        log.warning("%d unreadable training image files were skipped (data.on_bad_file=skip); "
+                    "the workers' 'skipping unreadable image' lines name them", skipped)
+    return result

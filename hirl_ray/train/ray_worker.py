@@ -68,6 +68,7 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
 
     train_set = build_dataset(cfg.data, "train")
     run = build_parts(cfg, rank, world, device)  # HirlModel, its param groups -> optimiser
+    run.train_set = train_set  # counts the files data.on_bad_file=skip replaced
     transform = run.model.method.transform(cfg.data)  # the method's views
     run.loader = ray.train.torch.prepare_data_loader(  # Ray 2: device transfer
         build_train_loader(cfg, train_set, transform, rank, world))
@@ -205,6 +206,10 @@ def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]
         if run.rank == 0:
             log.info(format_epoch(stats, run.cfg.train.epochs, run.world, hierarchy,
                                   metrics["hierarchy_building"], run.cfg.hirl.enabled))
+            if stats.nan_skipped:
+                log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
+                            "gradient (train.on_nan=skip_step)", epoch, stats.nan_skipped,
+                            stats.steps)
             save_checkpoint(tmp, model_state=unwrap(run.ddp).state_dict(),
                             optimizer_state=run.optimizer.state_dict(),
                             scaler_state=run.scaler.state_dict() if run.scaler else None,

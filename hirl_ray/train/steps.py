@@ -15,15 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hirl_ray.config import BACKBONES, DATASETS, METHODS, PROTOCOLS, ExperimentConfig
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
 from hirl_ray.eval.report import run_evaluation
-from hirl_ray.methods.distributed import convert_sync_batchnorm
+from hirl_ray.methods.distributed import convert_sync_batchnorm, world_size
 from hirl_ray.methods.hirl import HirlModel
 from hirl_ray.train.loop import EpochStats, HierarchySource, train_epoch, unwrap
+from hirl_ray.train.numerics import NanGuard
 from hirl_ray.train.optim import build_optimizer
 
 #: Steps between checks for a finished rebuild (each is a host-synchronising agreement).
@@ -34,8 +36,9 @@ HIERARCHY_POLL_EVERY = 8
 class WorkerRun:
     """The parts of one rank's training, filled in step by step by the worker function.
 
-    :func:`build_parts` makes the model, optimiser, AMP scaler and negative-path generator;
-    the worker adds the loaders, the DDP wrapper and the hierarchy source.
+    :func:`build_parts` makes the model, optimiser, AMP scaler, negative-path generator and
+    the non-finite guard (``train.on_nan``, ``train.grad_clip``); the worker adds the training
+    set, the loaders, the DDP wrapper and the hierarchy source.
     """
 
     cfg: ExperimentConfig
@@ -46,6 +49,8 @@ class WorkerRun:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     generator: torch.Generator
+    guard: NanGuard
+    train_set: Any = None
     loader: Any = None
     feature_loader: Any = None
     ddp: nn.Module | None = None
@@ -125,12 +130,16 @@ def build_parts(cfg: ExperimentConfig, rank: int, world: int, device: torch.devi
     if cfg.model.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, device.type)  # before DDP; same state_dict
     model = model.to(device)
-    optimizer = build_optimizer(model.param_groups(), cfg.train)
+    # skip_step undoes a bad step on the device: Adam's step counter must live there too.
+    capturable = cfg.train.on_nan == "skip_step" and device.type == "cuda"
+    optimizer = build_optimizer(model.param_groups(), cfg.train, capturable=capturable)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     # Negative-path sampling, one stream per rank, continued across epochs.
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
-    return WorkerRun(cfg, rank, world, device, model, optimizer, scaler, generator)
+    guard = NanGuard(model, optimizer, device, policy=cfg.train.on_nan,
+                     max_skips=cfg.train.max_nan_skips, grad_clip=cfg.train.grad_clip)
+    return WorkerRun(cfg, rank, world, device, model, optimizer, scaler, generator, guard)
 
 
 # ---- one epoch, its metrics, online evaluation ---------------------------------------------
@@ -146,13 +155,36 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
                        warmup_steps=steps_per_epoch * cfg.train.warmup_lr_epochs,
                        hierarchy=run.hierarchy, device=run.device, scaler=run.scaler,
                        generator=run.generator, poll_every=HIERARCHY_POLL_EVERY,
-                       weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end))
+                       weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
+                       guard=run.guard)
+
+
+def bad_files_skipped(dataset: Any, device: torch.device) -> int:
+    """Distinct training files skipped as unreadable (``data.on_bad_file=skip``), all ranks.
+
+    Each rank's dataset marks the files its loaders (and their worker processes) could not
+    read; the union over ranks counts a file once however many ranks met it. A collective:
+    every rank calls it. Costs one scalar all-reduce when no rank skipped anything.
+    """
+    mask = dataset.bad_file_mask() if hasattr(dataset, "bad_file_mask") else None
+    local = torch.zeros((), dtype=torch.long) if mask is None else mask.sum(dtype=torch.long)
+    if world_size() == 1:
+        return int(local)
+    anyone = local.to(device)
+    dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+    if int(anyone) == 0 or mask is None:  # every rank has the same dataset type
+        return 0
+    union = mask.to(device=device, dtype=torch.int32)
+    dist.all_reduce(union, op=dist.ReduceOp.MAX)
+    return int(union.sum())
 
 
 def epoch_metrics(run: WorkerRun, stats: EpochStats, attempt: int) -> dict[str, Any]:
     """What every rank reports after an epoch (rank 0's also go into the checkpoint).
 
     ``attempt``: the worker group's incarnation (``ResumePlan.attempt``), saved for a resume.
+    ``nan_skipped``: this epoch's non-finite steps; ``bad_files_skipped``: unreadable files
+    skipped since the workers started (all ranks; ``data/bad_files_skipped`` in metrics.json).
     """
     pending = getattr(run.hierarchy, "pending_round", None)  # a HierarchyClient's open round
     return {"epoch": stats.epoch + 1, "loss": stats.loss, "ssl_loss": stats.method_loss,
@@ -163,7 +195,9 @@ def epoch_metrics(run: WorkerRun, stats: EpochStats, attempt: int) -> dict[str, 
             # For a resume: which round to redo (-1: none) and by which attempt.
             "hierarchy_pending_round": -1 if pending is None else pending,
             "hierarchy_attempt": attempt,
-            "samples_per_s": stats.samples_per_s * run.world, "epoch_s": stats.seconds}
+            "samples_per_s": stats.samples_per_s * run.world, "epoch_s": stats.seconds,
+            "nan_skipped": stats.nan_skipped,
+            "bad_files_skipped": bad_files_skipped(run.train_set, run.device)}
 
 
 def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
