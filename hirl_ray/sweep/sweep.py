@@ -64,6 +64,9 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                           f"only (no {storage.scheme(cfg.storage.path)}:// yet); use a local "
                           "path (each trial's checkpoints go under it)")
     spec = tune_spec(cfg)
+    if resume and is_redacted(spec.storage.url or ""):  # sweep.json keeps no password
+        raise ConfigError(f"tune.storage.url was saved redacted ({spec.storage.url}); pass it "
+                          f"again: hirl-ray tune --resume {config_or_path} tune.storage.url=...")
     if not cfg.hirl.enabled:
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
     params = search_params(spec, cfg)
@@ -83,10 +86,6 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
         if saved["config"].get(TUNE_SECTION) != redact(cfg.to_dict()).get(TUNE_SECTION):
             raise ConfigError(f"the tune: section differs from the one {sweep_dir} was started "
                               "with; resume with the same file, or start a new storage.name")
-        url = spec.storage.url or ""
-        if is_redacted(url):
-            raise ConfigError(f"tune.storage.url was saved redacted ({url}); pass it again, "
-                              f"e.g. hirl-ray tune --resume {sweep_dir} tune.storage.url=...")
     return SweepPlan(cfg, spec, params, sweep_dir, num_samples, level_names, resume)
 
 

@@ -69,10 +69,10 @@ def plain_state(value: Any, where: str = "state") -> Any:
     Raises:
         TypeError: Something else (names where), at save time rather than at resume.
     """
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.Size)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -111,12 +111,12 @@ def save_checkpoint(directory: str | Path, *, model_state: dict[str, torch.Tenso
 def read_meta(directory: str | Path) -> CheckpointMeta:
     """Read ``meta.json`` of a checkpoint folder (local or ``s3://``)."""
     try:
-        text = storage.read_text(storage.join(directory, META_FILE))
+        data = storage.read_bytes(storage.join(directory, META_FILE))
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory} is not a hirl_ray checkpoint (no {META_FILE}); "
                                 f"pass a folder like <run>/{LAYOUT.train}/epoch_0010") from None
     try:
-        return CheckpointMeta(**json.loads(text))
+        return CheckpointMeta(**json.loads(data.decode()))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{directory}/{META_FILE} is damaged ({e})") from None
 
@@ -180,6 +180,8 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines()
                        if "Unsupported global" in line), str(e).splitlines()[0])
+        reason = reason.partition(" was not an allowed global")[0].removeprefix(
+            "WeightsUnpickler error: ")
         raise UnsafeCheckpointError(
             f"{directory}/{STATE_FILE} holds objects that weights_only loading refuses "
             f"({reason}); it was written by an older hirl_ray: if you trust where it came "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -196,8 +197,6 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
 
 def interrupted(cfg: ExperimentConfig, run_dir: str, signum: int) -> Interrupted:
     """The one-line :class:`Interrupted` of a fit stopped by ``signum``."""
-    import signal
-
     last = latest_good_checkpoint(run_dir)
     epoch = read_meta(last).epoch if last is not None else 0
     name = signal.Signals(signum).name
