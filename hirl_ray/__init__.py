@@ -16,6 +16,7 @@ import hirl_ray.models  # noqa: E402, F401
 import hirl_ray.sweep.space  # noqa: E402, F401
 from hirl_ray.api import (  # noqa: E402
     FitResult,
+    Interrupted,
     TuneResult,
     evaluate,
     fit,
@@ -24,6 +25,6 @@ from hirl_ray.api import (  # noqa: E402
 )
 from hirl_ray.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 
-__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "TuneResult", "evaluate", "fit",
-           "load_backbone", "load_config", "tune"]
+__all__ = ["ConfigError", "ExperimentConfig", "FitResult", "Interrupted", "TuneResult",
+           "evaluate", "fit", "load_backbone", "load_config", "tune"]
 __version__ = "0.1.0"

@@ -13,8 +13,11 @@ from hirl_ray.eval.checkpoint import CheckpointEvaluation, load_backbone, run_ch
 from hirl_ray.hierarchy.faiss_build import check_faiss_install
 from hirl_ray.logs import console, get_logger
 from hirl_ray.runs import LAYOUT, FitResult, check_data, prepare_run, rebuild_memory
+from hirl_ray.train.checkpoint import newest_checkpoint_config
+from hirl_ray.train.interrupt import Interrupted
 
-__all__ = ["FitResult", "TuneResult", "evaluate", "fit", "load_backbone", "prepare_run", "tune"]
+__all__ = ["FitResult", "Interrupted", "TuneResult", "evaluate", "fit", "load_backbone",
+           "prepare_run", "tune"]
 
 log = get_logger(__name__)
 
@@ -29,13 +32,18 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
         overrides: ``{"train.epochs": 5}`` or ``["train.epochs=5", ...]``.
 
     A run folder ``storage.path/storage.name`` that already holds checkpoints is resumed
-    from its newest one; nothing in it is deleted.
+    from its newest good one (a run trained with an incompatible config is refused); only
+    checkpoints and snapshots beyond ``storage.keep_*`` are deleted.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM stopped training after saving the current epoch; the
+            same call resumes.
     """
     console()
     cfg = load_config(config_or_path, overrides)
     check_faiss_install()
     num_samples = check_data(cfg)  # every check above happens before Ray starts
-    run_dir = prepare_run(cfg)
+    run_dir = prepare_run(cfg, newest_checkpoint_config)
     from hirl_ray.train.ray_fit import run_fit  # imports Ray
 
     need = rebuild_memory(cfg, num_samples) if cfg.hirl.enabled else None

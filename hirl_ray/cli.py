@@ -8,8 +8,10 @@ import sys
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, RunStopped, parse_override
-from hirl_ray.logs import console
+from hirl_ray.logs import console, redact
 from hirl_ray.runs import LAYOUT
+from hirl_ray.train.checkpoint import CheckpointError
+from hirl_ray.train.interrupt import Interrupted
 
 #: ``hirl-ray eval`` writes its metrics here, in the run folder (or the checkpoint folder
 #: outside the run layout); ``metrics.json`` stays the fit's own final evaluation.
@@ -138,7 +140,7 @@ def _eval_main(args: argparse.Namespace) -> int:
           + ("" if result.same_data else "  (not the run's training data)"))
     print(format_grouped(result.metrics, result.inputs.level_names))
     out = args.out or storage.join(result.run_dir or result.checkpoint, EVAL_METRICS)
-    storage.write_text(out, json.dumps(result.flat_metrics, indent=2, default=float))
+    storage.write_text(out, json.dumps(redact(result.flat_metrics), indent=2, default=float))
     print(f"\nMetrics JSON  {out}")
     for path in plots:
         print(f"Plot          {path}")
@@ -175,12 +177,19 @@ def main(argv: list[str] | None = None) -> int:
             return _tune_main(args)
         elif args.command == "eval":
             return _eval_main(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"hirl-ray: error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:  # train.on_nan, data.on_bad_file: the step or file, and the fix
         print(f"hirl-ray: error: {e.summary}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # SIGINT/SIGTERM: the epoch's checkpoint is saved
+        print(f"hirl-ray: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        print("hirl-ray: stopped at once; saved epochs are kept and the current one is redone "
+              "when the same command runs again", file=sys.stderr)
+        return 130
     return 0
 
 

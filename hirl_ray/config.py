@@ -363,16 +363,44 @@ class EvalConfig:
                                   f"{where}.protocols; add it there or drop the settings")
 
 
+#: Epoch metrics a checkpoint always has (``storage.best_metric`` may name them without
+#: online evaluation); others (``knn_acc/<level>``) need ``eval.every_epochs > 0``.
+EPOCH_METRICS = ("loss", "ssl_loss", "semantic_loss")
+BEST_MODES = ("max", "min")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    """Results root: ``path/name`` holds checkpoints, hierarchy snapshots and metrics."""
+    """Results root: ``path/name`` holds checkpoints, hierarchy snapshots and metrics.
+
+    Retention (README "Reliability"): ``keep_checkpoints``/``keep_snapshots`` bound what a run
+    leaves in its folder; the newest checkpoint, the best one by ``best_metric`` and every
+    snapshot a kept checkpoint resumes with are never deleted.
+    """
 
     path: str = "results"
     name: str = "default"
+    # Newest epoch checkpoints kept (null: all); >= 2 leaves a fallback for a corrupted newest.
+    keep_checkpoints: int | None = None
+    # Newest hierarchy snapshots kept (null: all), besides those kept checkpoints resume with.
+    keep_snapshots: int | None = None
+    # An epoch metric (loss, knn_acc/<level>, ...) whose best checkpoint is kept besides the
+    # newest keep_checkpoints (null: none).
+    best_metric: str | None = None
+    # Whether best_metric is best when highest (max) or lowest (min).
+    best_mode: str = "max"
 
     def check(self, where: str) -> None:
         if "/" in self.name or not self.name:
             raise ConfigError(f"{where}.name must be a plain folder name, got {self.name!r}")
+        for key in ("keep_checkpoints", "keep_snapshots"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1 or null (keep all), got {value}")
+        check_choice(f"{where}.best_mode", self.best_mode, BEST_MODES)
+        if self.best_metric is not None and not self.best_metric:
+            raise ConfigError(f"{where}.best_metric must be a metric name (e.g. loss, "
+                              "knn_acc/<level>) or null")
 
 
 def _default_method() -> MethodConfig:
@@ -631,6 +659,11 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[st
     extra = {name: build(name, cls, merged[name]) for name, cls in _EXTRA_SECTIONS.items()
              if name in merged}
     cfg = ExperimentConfig(**sections, sections=extra)
+    best = cfg.storage.best_metric
+    if best is not None and best not in EPOCH_METRICS and cfg.eval.every_epochs == 0:
+        raise ConfigError(
+            f"storage.best_metric={best!r} is only measured by the online evaluation; set "
+            f"eval.every_epochs > 0, or use one of {', '.join(EPOCH_METRICS)} (best_mode=min)")
     if cfg.hirl.enabled and cfg.hirl.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(
             f"hirl.warmup_epochs ({cfg.hirl.warmup_epochs}) must be < train.epochs "

@@ -11,6 +11,7 @@ fit hands back. No Ray here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from hirl_ray.hierarchy.memory import (
     node_memory_bytes,
     rebuild_estimate,
 )
-from hirl_ray.logs import get_logger
+from hirl_ray.logs import get_logger, redact
 from hirl_ray.methods import build_method
 
 log = get_logger(__name__)
@@ -185,28 +186,51 @@ def feature_dim(cfg: ExperimentConfig) -> int:
         return build_method(cfg).embedding_dim(cfg.hirl.embedding)
 
 
-def prepare_run(cfg: ExperimentConfig) -> str:
+def check_resumable(cfg: ExperimentConfig, old: dict[str, Any], source: str) -> None:
+    """Refuse (one line naming the key) when ``old``, the config a run folder was trained
+    with, differs from ``cfg`` in a key that changes the network or the hierarchy's shape."""
+    new = cfg.to_dict()
+    method_keys = tuple(("method", k) for k in cfg.method.shape_keys)
+    for section, key in (*RESUME_KEYS, *method_keys):
+        a, b = (old.get(section) or {}).get(key), new[section][key]
+        if a != b:
+            depth = ""
+            if (section, key) == ("hirl", "num_clusters") and a is not None \
+                    and len(a) != len(b):
+                depth = f" (hierarchy depth {len(b)} vs {len(a)})"
+            raise ConfigError(
+                f"{section}.{key}={b!r} differs from {a!r} used by {source}{depth}; set "
+                "storage.name to a new folder to start a new run, or resume with the run's "
+                "own values")
+
+
+def prepare_run(cfg: ExperimentConfig,
+                newest_checkpoint: Callable[[str], tuple[str, dict[str, Any]] | None]
+                | None = None) -> str:
     """Check the run folder (local or remote) is writable and compatible; save the config.
 
-    Refuses to resume a run trained with an incompatible config, before touching it.
-    Returns the resolved run folder.
+    Refuses to resume a run trained with an incompatible config (checked against the saved
+    ``config.yaml`` and the newest checkpoint's config), before touching it or starting Ray.
+    The saved ``config.yaml`` has secrets redacted. Returns the resolved run folder.
+
+    Args:
+        cfg: The experiment.
+        newest_checkpoint: ``run_dir -> (path, config)`` of its newest checkpoint, or ``None``
+            (:func:`hirl_ray.train.checkpoint.newest_checkpoint_config`; passed in because the
+            checkpoint module builds on this one).
     """
     run_dir = storage.resolve(cfg.run_dir)
     saved = LAYOUT.config_file(run_dir)
     if storage.exists(saved):
         old = yaml.safe_load(storage.read_text(saved)) or {}
-        new = cfg.to_dict()
-        method_keys = tuple(("method", k) for k in cfg.method.shape_keys)
-        for section, key in (*RESUME_KEYS, *method_keys):
-            a, b = old.get(section, {}).get(key), new[section][key]
-            if a != b:
-                raise ConfigError(
-                    f"{section}.{key}={b!r} differs from {a!r} used by the existing run in "
-                    f"{run_dir}; set storage.name to a new folder to start a new run")
+        check_resumable(cfg, old, f"the existing run in {run_dir}")
     else:
         try:
             storage.check_writable(run_dir)
         except PermissionError as e:
             raise ConfigError(str(e)) from None
-    storage.write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    newest = newest_checkpoint(run_dir) if newest_checkpoint is not None else None
+    if newest is not None:  # also when config.yaml is gone, or a checkpoint came from elsewhere
+        check_resumable(cfg, newest[1], f"the checkpoint {newest[0]}")
+    storage.write_text(saved, yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False))
     return run_dir

@@ -153,6 +153,37 @@ def list_dir(uri: str) -> list[tuple[str, bool]]:
     return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
 
 
+def delete_file(uri: str) -> None:
+    """Remove one file/object; absent is fine."""
+    fs, path = _fs(uri)
+
+    def delete() -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    retry(delete)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a folder/prefix and everything under it; absent is fine."""
+    fs, path = _fs(uri)
+    if retry(lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
+        return
+    retry(lambda: fs.delete_dir(path))
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder's files into ``dst`` (same or different filesystem; recursive)."""
+    src_fs, src_path = _fs(src)
+    dst_fs, dst_path = _fs(dst)
+    if not is_remote(dst):
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+    retry(lambda: pafs.copy_files(src_path, dst_path, source_filesystem=src_fs,
+                                  destination_filesystem=dst_fs))
+
+
 def upload_file(local: str | Path, uri: str) -> None:
     """Copy one local file to ``uri`` (atomically)."""
     write_bytes(uri, Path(local).read_bytes())

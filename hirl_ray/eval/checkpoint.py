@@ -37,7 +37,7 @@ from hirl_ray.hierarchy.snapshot import latest_snapshot, load_hierarchy
 from hirl_ray.logs import get_logger
 from hirl_ray.models import build_backbone
 from hirl_ray.runs import LAYOUT
-from hirl_ray.train.checkpoint import META_FILE, latest_checkpoint, load_state, read_meta
+from hirl_ray.train.checkpoint import META_FILE, latest_good_checkpoint, load_state, read_meta
 
 BACKBONE_PREFIX = "method.backbone."
 
@@ -45,11 +45,12 @@ log = get_logger(__name__)
 
 
 def resolve_checkpoint(path: str | Path) -> str:
-    """A checkpoint folder, or a run folder (its newest checkpoint); local or ``s3://``."""
+    """A checkpoint folder, or a run folder (its newest good checkpoint: a torn or damaged
+    newer one is skipped with a warning); local or ``s3://``."""
     path = storage.resolve(path)
     if storage.exists(storage.join(path, META_FILE)):
         return path
-    found = latest_checkpoint(path)
+    found = latest_good_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no hirl_ray checkpoint at {path}; pass a run folder "
                                 "(storage.path/storage.name) or one of its "
@@ -221,6 +222,7 @@ def run_checkpoint_evaluation(
     hierarchy_dir: str | Path | None = None,
     progress: bool | None = None,
     batch_size: int = 256,
+    run_config: Mapping[str, Any] | None = None,
 ) -> CheckpointEvaluation:
     """Evaluate a checkpoint's backbone with the run's (or the given) protocols and data.
 
@@ -241,9 +243,11 @@ def run_checkpoint_evaluation(
             ignored when ``data`` is not the data the run trained on.
         progress: Show tqdm bars while extracting features; ``None``: when stdout is a tty.
         batch_size: Images per forward pass of the feature extraction.
+        run_config: The run's config when the caller holds it as trained (the checkpoint's
+            copy has secrets redacted, e.g. credentials in a ``data.root`` URI).
     """
     path = resolve_checkpoint(checkpoint)
-    run_cfg = read_meta(path).config
+    run_cfg = dict(run_config) if run_config is not None else read_meta(path).config
     cfg = eval_config(run_cfg, data, protocols, overrides, source=f"{path} (its config)")
     trained = from_dict(run_cfg)
     same_data = _sample_keys(cfg.data) == _sample_keys(trained.data)
@@ -281,7 +285,8 @@ def run_checkpoint_evaluation(
 
 
 def evaluate_checkpoint(checkpoint: str | Path, hierarchy_dir: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> dict[str, float]:
+                        device: str | torch.device = "cpu",
+                        run_config: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The run's ``eval.protocols`` on the checkpoint's backbone, as one flat dict (the final
     evaluation of a fit; :func:`run_checkpoint_evaluation` with the run's data and settings).
 
@@ -289,4 +294,4 @@ def evaluate_checkpoint(checkpoint: str | Path, hierarchy_dir: str | Path | None
     learned prototype tree matches the label tree when both exist.
     """
     return run_checkpoint_evaluation(checkpoint, device=device, hierarchy_dir=hierarchy_dir,
-                                     progress=False).flat_metrics
+                                     progress=False, run_config=run_config).flat_metrics

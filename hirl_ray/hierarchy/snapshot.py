@@ -116,6 +116,19 @@ def latest_snapshot(directory: str | Path) -> str | None:
     return None if best is None else best[1]
 
 
+def snapshot_versions(directory: str | Path) -> list[int]:
+    """Versions with a snapshot file in ``directory``, ascending."""
+    return sorted(int(m.group(1)) for name, is_dir in storage.list_dir(str(directory))
+                  if not is_dir and (m := _NAME.match(name)))
+
+
+def delete_snapshot(directory: str | Path, version: int) -> None:
+    """Remove a version's snapshot, then its origin record (an origin without its snapshot
+    answers no round: :func:`read_origins` needs both)."""
+    storage.delete_file(storage.join(directory, snapshot_name(version)))
+    storage.delete_file(storage.join(directory, origin_name(version)))
+
+
 def read_origins(directory: str | Path) -> dict[int, Origin]:
     """Origins of every version in ``directory`` that has both its snapshot and its record.
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from hirl_ray.logs import redact_text
 from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep import plots
 from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneConfig
@@ -128,7 +129,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         facts["label-free vs kNN"] = f"Spearman rho({LABEL_FREE_METRIC}, {knn[0]}) = " \
                                      f"{rho:.2f} over {len(table)} trials" \
             if np.isfinite(rho) else "n/a"
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(redact_text(str(v)))}</td></tr>"
                    for k, v in facts.items())
     shown = [c for c in table.columns if c not in ("checkpoint", "started", "finished")]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>HIRL sweep "

@@ -27,7 +27,7 @@ from hirl_ray.sweep.sampling import DefineByRun, Params, grid_points, sizes_from
 from hirl_ray.sweep.space import TuneConfig
 from hirl_ray.sweep.trial import FreeStoppedTrials, run_trial
 from hirl_ray.train import ray_compat
-from hirl_ray.train.checkpoint import find_checkpoints, latest_checkpoint
+from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
 
 log = get_logger(__name__)
 
@@ -152,11 +152,18 @@ def run_sweep(spec: TuneConfig, params: Params, sweep_dir: Path, base: dict[str,
     return grid, done < expected
 
 
+def epochs_trained(run_dir: Path) -> int:
+    """Completed epochs of a trial: its newest checkpoint's (older ones may be deleted,
+    ``storage.keep_checkpoints``)."""
+    newest = latest_checkpoint(run_dir)
+    return read_meta(newest).epoch if newest is not None else 0
+
+
 def results_table(sweep_dir: Path, spec: TuneConfig, epochs: int) -> pd.DataFrame:
     """One row per trial from the trial folders and Tune's per-trial ``result.json``.
 
-    ``epochs_trained`` counts checkpoints on disk: the compute a trial really used (a trial
-    ASHA stopped may have finished one more epoch than Tune saw).
+    ``epochs_trained`` is the newest checkpoint's epoch: the compute a trial really used (a
+    trial ASHA stopped may have finished one more epoch than Tune saw).
     """
     rows = []
     for trial_dir in sorted(LAYOUT.tune_dir(sweep_dir).glob("*/")):
@@ -175,7 +182,7 @@ def results_table(sweep_dir: Path, spec: TuneConfig, epochs: int) -> pd.DataFram
                "level0_clusters": int(params["level0_clusters"]),
                "num_clusters": "/".join(map(str, sizes_from_params(params))),
                **{k: params[k] for k in spec.space.params},
-               "epochs_trained": len(find_checkpoints(run_dir)),
+               "epochs_trained": epochs_trained(run_dir),
                "epochs_reported": int(last.get("epoch", 0)),
                "time_total_s": float(sum(x.get("time_this_iter_s", 0.0) for x in lines)),
                "checkpoint": str(latest_checkpoint(run_dir) or "")}

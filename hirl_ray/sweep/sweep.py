@@ -16,6 +16,7 @@ from typing import Any
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
 from hirl_ray.data import dataset_level_names
+from hirl_ray.logs import is_redacted, redact
 from hirl_ray.runs import LAYOUT, check_data
 from hirl_ray.sweep.sampling import Params, check_against, search_params, sizes_from_params
 from hirl_ray.sweep.space import TUNE_SECTION, TuneConfig, tune_spec
@@ -63,6 +64,9 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                           f"only (no {storage.scheme(cfg.storage.path)}:// yet); use a local "
                           "path (each trial's checkpoints go under it)")
     spec = tune_spec(cfg)
+    if resume and is_redacted(spec.storage.url or ""):  # sweep.json keeps no password
+        raise ConfigError(f"tune.storage.url was saved redacted ({spec.storage.url}); pass it "
+                          f"again: hirl-ray tune --resume {config_or_path} tune.storage.url=...")
     if not cfg.hirl.enabled:
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
     params = search_params(spec, cfg)
@@ -78,10 +82,20 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                           "continue it, or set storage.name to a new folder")
     if resume:
         saved = json.loads(LAYOUT.sweep_file(sweep_dir).read_text())
-        if saved["config"].get(TUNE_SECTION) != cfg.to_dict().get(TUNE_SECTION):
+        # sweep.json holds the section with secrets redacted: compare it that way.
+        if saved["config"].get(TUNE_SECTION) != redact(cfg.to_dict()).get(TUNE_SECTION):
             raise ConfigError(f"the tune: section differs from the one {sweep_dir} was started "
                               "with; resume with the same file, or start a new storage.name")
     return SweepPlan(cfg, spec, params, sweep_dir, num_samples, level_names, resume)
+
+
+def write_sweep_file(plan: SweepPlan) -> Path:
+    """``sweep.json``: the base experiment (secrets redacted), data size and label levels."""
+    path = LAYOUT.sweep_file(plan.sweep_dir)
+    path.write_text(json.dumps(redact({"config": plan.cfg.to_dict(),
+                                       "num_samples": plan.num_samples,
+                                       "level_names": list(plan.level_names)}), indent=2))
+    return path
 
 
 def execute(plan: SweepPlan) -> dict[str, Any]:
@@ -90,9 +104,7 @@ def execute(plan: SweepPlan) -> dict[str, Any]:
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not plan.resume:
-        LAYOUT.sweep_file(plan.sweep_dir).write_text(json.dumps(
-            {"config": plan.cfg.to_dict(), "num_samples": plan.num_samples,
-             "level_names": list(plan.level_names)}, indent=2))
+        write_sweep_file(plan)
     base = {k: v for k, v in plan.cfg.to_dict().items() if k != TUNE_SECTION}
     _, interrupted = run_sweep(plan.spec, plan.params, plan.sweep_dir, base, plan.num_samples,
                                plan.resume)

@@ -25,12 +25,12 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from hirl_ray import storage
 from hirl_ray.config import from_dict
-from hirl_ray.logs import console, get_logger
+from hirl_ray.logs import console, get_logger, redact
 from hirl_ray.runs import LAYOUT, prepare_run
 from hirl_ray.sweep.sampling import fixed_overrides, trial_overrides
 from hirl_ray.sweep.space import TuneConfig
 from hirl_ray.train import ray_compat
-from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.train.checkpoint import latest_checkpoint, newest_checkpoint_config, read_meta
 
 log = get_logger(__name__)
 
@@ -133,8 +133,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneConfig,
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = {**trial_overrides(spec, params), **fixed_overrides(spec, sweep_dir, trial_id)}
     cfg = from_dict(base, overrides)
-    run_dir = prepare_run(cfg)  # local: sweeps refuse remote storage up front
-    storage.write_text(LAYOUT.params_file(run_dir), json.dumps(params, indent=2, default=str))
+    # Local: sweeps refuse remote storage up front.
+    run_dir = prepare_run(cfg, newest_checkpoint_config)
+    storage.write_text(LAYOUT.params_file(run_dir),
+                       json.dumps(redact(params), indent=2, default=str))
     done = latest_checkpoint(run_dir)
     if done is not None and read_meta(done).epoch >= cfg.train.epochs:
         # Finished before an interruption but Tune never heard: report its last epoch.

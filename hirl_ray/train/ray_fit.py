@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from hirl_ray.hierarchy.memory import (
     node_memory_bytes,
 )
 from hirl_ray.hierarchy.snapshot import latest_snapshot
-from hirl_ray.logs import get_logger
+from hirl_ray.logs import get_logger, redact
 from hirl_ray.runs import LAYOUT, FitResult
-from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.train.checkpoint import latest_good_checkpoint, read_meta
+from hirl_ray.train.interrupt import Interrupted, StopRequest, run_in_thread
+from hirl_ray.train.ray_stop import start_stop_flag
 from hirl_ray.train.ray_worker import train_worker, worker_config
 from hirl_ray.train.steps import call_with_modules, registering_modules
 
@@ -75,16 +78,17 @@ def check_actor_node_memory(actor: Any, need: RebuildMemory, timeout_s: float = 
 
 
 def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
-                 callbacks: Sequence[Any] = (), rebuild_memory: RebuildMemory | None = None
-                 ) -> None:
+                 callbacks: Sequence[Any] = (), rebuild_memory: RebuildMemory | None = None,
+                 stop_flag: str | None = None) -> None:
     """Start the prototype actor and fit a TorchTrainer into the run's ``train/`` folder.
 
-    Resumes from ``run_dir``'s newest checkpoint. ``callbacks`` go to Ray Train's
+    Resumes from ``run_dir``'s newest good checkpoint. ``callbacks`` go to Ray Train's
     ``RunConfig`` (Tune passes its report callback here). ``rebuild_memory``: when joining a
     cluster (``RAY_ADDRESS``), checked against the actor's node before training starts (a
-    local Ray's machine was checked before Ray started).
+    local Ray's machine was checked before Ray started). ``stop_flag``: the named
+    :class:`~hirl_ray.train.ray_stop.StopFlag` the workers read after each epoch.
     """
-    resume = latest_checkpoint(run_dir)
+    resume = latest_good_checkpoint(run_dir)
     done_epochs = read_meta(resume).epoch if resume is not None else 0
     if done_epochs >= cfg.train.epochs:
         return
@@ -103,14 +107,18 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     gpus = {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=worker_config(cfg, name, run_dir),
+        train_loop_config=worker_config(cfg, name, run_dir, stop_flag),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus}),
         run_config=ray.train.RunConfig(
             name=LAYOUT.train, storage_path=str(run_dir), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # storage.keep_checkpoints: Ray deletes older ones (always keeping the newest) and
+            # keeps its run snapshot consistent; the best one is copied aside first
+            # (hirl_ray.train.retention).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.storage.keep_checkpoints),
             # Keep Ray Train's per-report INFO lines off the console; our one line per
             # epoch says what matters.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -164,8 +172,12 @@ def _say_actor_faiss(actor: Any, timeout_s: float = 30.0) -> None:
 
 
 def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
-    """Evaluate the newest checkpoint in a Ray task (on a GPU when training used one)."""
-    final = latest_checkpoint(run_dir)
+    """Evaluate the newest good checkpoint in a Ray task (on a GPU when training used one).
+
+    The task gets the run's config as loaded (the checkpoint's copy has secrets redacted, e.g.
+    credentials in a ``data.root`` URI).
+    """
+    final = latest_good_checkpoint(run_dir)
     if final is None:
         raise RuntimeError("training finished without a checkpoint under "
                            f"{LAYOUT.train_dir(run_dir)}")
@@ -175,9 +187,10 @@ def final_evaluation(cfg: ExperimentConfig, run_dir: str) -> FitResult:
     device = "cuda" if cfg.train.use_gpu else "cpu"
     # The task parses the checkpoint's config: import the modules registering its method first.
     metrics = ray.get(remote_eval.remote(registering_modules(cfg), evaluate_checkpoint, final,
-                                         hierarchy_dir, device))
+                                         hierarchy_dir, device, cfg.to_dict()))
     metrics = final_metrics(read_meta(final).metrics, metrics)
-    storage.write_text(LAYOUT.metrics_file(run_dir), json.dumps(metrics, indent=2, default=float))
+    storage.write_text(LAYOUT.metrics_file(run_dir),
+                       json.dumps(redact(metrics), indent=2, default=float))
     snapshot = latest_snapshot(hierarchy_dir)
     return FitResult(metrics=metrics, checkpoint_path=str(final),
                      hierarchy_path=snapshot, run_dir=run_dir)
@@ -194,9 +207,25 @@ def final_metrics(trained: dict[str, Any], evaluated: dict[str, Any]) -> dict[st
 
 def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             rebuild_memory: RebuildMemory | None = None) -> FitResult:
-    """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate."""
+    """Train (resuming from ``run_dir``'s newest checkpoint if any) and evaluate.
+
+    SIGINT/SIGTERM stop training after the current epoch's checkpoint
+    (:mod:`hirl_ray.train.interrupt`) and raise :class:`Interrupted` before the evaluation.
+    """
     init_ray()
-    train_on_ray(cfg, run_dir, num_samples, rebuild_memory=rebuild_memory)
+    flag_name = f"hirl-stop-{cfg.storage.name}-{os.getpid()}-{time.time_ns()}"
+    flag = start_stop_flag(flag_name)
+    try:
+        with StopRequest(notify=lambda signum: ray.get(flag.set.remote(signum),
+                                                       timeout=30)) as stop:
+            # In a thread: Ray Train's fit() on the main thread would replace our SIGINT
+            # handler with one that aborts the run without a checkpoint.
+            run_in_thread(train_on_ray, cfg, run_dir, num_samples,
+                          rebuild_memory=rebuild_memory, stop_flag=flag_name)
+    finally:
+        ray.kill(flag)
+    if stop.signum is not None:
+        raise interrupted(cfg, run_dir, stop.signum)
     log.info("evaluating the final checkpoint (%s)…", ", ".join(cfg.eval.protocols))
     result = final_evaluation(cfg, run_dir)
     skipped = result.metrics.get("data/bad_files_skipped", 0)
@@ -204,3 +233,12 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
         log.warning("%d unreadable training image files were skipped (data.on_bad_file=skip); "
                     "the workers' 'skipping unreadable image' lines name them", skipped)
     return result
+
+
+def interrupted(cfg: ExperimentConfig, run_dir: str, signum: int) -> Interrupted:
+    """The one-line :class:`Interrupted` of a fit stopped by ``signum``."""
+    last = latest_good_checkpoint(run_dir)
+    epoch = read_meta(last).epoch if last is not None else 0
+    name = signal.Signals(signum).name
+    return Interrupted(f"stopped by {name} after epoch {epoch}/{cfg.train.epochs} (checkpoint "
+                       f"{last}); run the same command again to resume", signum, epoch, last)

@@ -28,15 +28,19 @@ from hirl_ray.methods.hirl import HirlModel
 from hirl_ray.runs import LAYOUT
 from hirl_ray.train.checkpoint import (
     CheckpointMeta,
+    checkpoint_dir_name,
     find_checkpoints,
     load_state,
     read_meta,
     save_checkpoint,
 )
+from hirl_ray.train.interrupt import run_epochs
 from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_rebuild_epoch, unwrap
 from hirl_ray.train.ray_compat import quiet_train_report_logger
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
+from hirl_ray.train.ray_stop import stop_poll
 from hirl_ray.train.resume import ResumePlan, agree_on_resume
+from hirl_ray.train.retention import before_report
 from hirl_ray.train.steps import (
     WorkerRun,
     build_feature_loader,
@@ -81,7 +85,9 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     first_rebuild(run, plan)
 
     step, eval_inputs = plan.step, None
-    for epoch in range(plan.epoch, cfg.train.epochs):
+
+    def one_epoch(epoch: int) -> None:
+        nonlocal step, eval_inputs
         stats, step = train_one_epoch(run, epoch, step)
         if is_rebuild_epoch(epoch + 1, cfg.hirl, cfg.train.epochs):
             rebuild(run, epoch + 1)
@@ -90,15 +96,27 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
             # Rank 0 alone, between steps; the others wait in report() below.
             eval_inputs = eval_inputs or online_eval_inputs(cfg, train_set)
             metrics.update(online_eval(run, eval_inputs))
-        report(run, stats, step, metrics)  # Ray 6: every rank reports, rank 0 checkpoints
+        # Ray 6: every rank reports, rank 0 checkpoints
+        report(run, stats, step, metrics, worker_cfg["run_dir"])
+
+    # Ray 7: SIGINT/SIGTERM on the driver stops every rank after the epoch's checkpoint.
+    stop = stop_poll(worker_cfg.get("stop_flag"), rank, dist_agree(device))
+    done = run_epochs(plan.epoch, cfg.train.epochs, one_epoch, stop)
+    if rank == 0 and done < cfg.train.epochs:
+        log.info("stopping after epoch %d/%d as asked; its checkpoint is saved", done,
+                 cfg.train.epochs)
 
 
 # ---- what the driver sends: the config plus the modules that register its names -----------
 
-def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str) -> dict[str, Any]:
-    """``train_loop_config`` of the TorchTrainer running :func:`train_worker`."""
+def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
+                  stop_flag: str | None = None) -> dict[str, Any]:
+    """``train_loop_config`` of the TorchTrainer running :func:`train_worker`.
+
+    ``stop_flag``: the named actor the driver sets on SIGINT/SIGTERM (``None``: none).
+    """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
-            "actor_name": actor_name, "run_dir": run_dir}
+            "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag}
 
 
 # ---- restore and DDP ------------------------------------------------------------------------
@@ -195,12 +213,18 @@ def first_rebuild(run: WorkerRun, plan: ResumePlan) -> None:
 
 # ---- checkpoint and report ------------------------------------------------------------------
 
-def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]) -> None:
-    """Rank 0 logs the epoch and writes a checkpoint; every rank reports (a collective)."""
+def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any],
+           run_dir: str) -> None:
+    """Rank 0 logs the epoch and writes a checkpoint; every rank reports (a collective).
+
+    Before reporting, rank 0 keeps the best checkpoint and prunes old hierarchy snapshots
+    (``storage.*``; Ray Train deletes checkpoints beyond ``storage.keep_checkpoints``).
+    """
     hierarchy = run.hierarchy.current if run.hierarchy is not None else None
     # The version the next epoch starts with (a sync rebuild may have just switched).
     next_version = hierarchy.version if hierarchy is not None else 0
     epoch = stats.epoch + 1
+    name = LAYOUT.checkpoint_name(epoch)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if run.rank == 0:
@@ -210,13 +234,14 @@ def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]
                 log.warning("epoch %d: skipped %d of %d steps with a non-finite loss or "
                             "gradient (train.on_nan=skip_step)", epoch, stats.nan_skipped,
                             stats.steps)
+            meta = CheckpointMeta(epoch=epoch, step=step, hierarchy_version=next_version,
+                                  config=run.cfg.to_dict(), metrics=metrics)
             save_checkpoint(tmp, model_state=unwrap(run.ddp).state_dict(),
                             optimizer_state=run.optimizer.state_dict(),
                             scaler_state=run.scaler.state_dict() if run.scaler else None,
-                            meta=CheckpointMeta(epoch=epoch, step=step,
-                                                hierarchy_version=next_version,
-                                                config=run.cfg.to_dict(), metrics=metrics))
+                            meta=meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=LAYOUT.checkpoint_name(epoch))
+            before_report(run_dir, meta, run.cfg.storage)
+            name = checkpoint_dir_name(run_dir, epoch)  # -redoN after a damaged one
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 

@@ -19,7 +19,12 @@ import torch
 import torch.distributed as dist
 
 from hirl_ray.logs import get_logger
-from hirl_ray.train.checkpoint import CheckpointMeta, load_state, read_meta
+from hirl_ray.train.checkpoint import (
+    CheckpointMeta,
+    UnsafeCheckpointError,
+    load_state,
+    read_meta,
+)
 
 log = get_logger(__name__)
 
@@ -56,22 +61,37 @@ def choose_checkpoint(candidates: Sequence[str], registered: CheckpointMeta | No
 
     Ray registers a checkpoint only after every rank reported it, so its latest can lag the
     newest complete folder by an epoch or two (ray #46814), and a new driver starts with none
-    (ray #45516). A folder that fails to load (upload cut short) falls back to an older one.
+    (ray #45516). A folder that fails to load (upload cut short, damaged: its files do not
+    match the manifest) falls back to an older one with a warning.
 
     Returns:
         ``(checkpoint, state, meta)`` with ``checkpoint`` a candidate, :data:`REGISTERED` or
         ``None``; ``state`` is ``None`` when the registered one was chosen (not loaded here).
+
+    Raises:
+        UnsafeCheckpointError: A checkpoint in an old format (never silently skipped).
+        RuntimeError: There are checkpoints but none loads (starting over would hide it).
     """
+    skipped = []
     for path in reversed(list(candidates)):
         try:
             if registered is not None and read_meta(path).epoch <= registered.epoch:
                 break
             state, meta = load(path)
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - truncated or unreadable: try an older one
-            log.warning("skipping unreadable checkpoint %s: %s", path, e)
+            log.warning("skipping unreadable checkpoint %s (%s); falling back to the previous "
+                        "one", path, e)
+            skipped.append(path)
             continue
         return path, state, meta
-    return (REGISTERED, None, registered) if registered is not None else (None, None, None)
+    if registered is not None:
+        return REGISTERED, None, registered
+    if skipped:
+        raise RuntimeError(f"none of the {len(skipped)} checkpoints loads (newest: "
+                           f"{skipped[0]}); move the run's train/ folder aside to start over")
+    return None, None, None
 
 
 def plan_from_meta(checkpoint: str | None, meta: CheckpointMeta | None, attempt: int,
@@ -115,6 +135,8 @@ def load_with_retries(path: str, tries: int = 5, base_delay_s: float = 1.0
     for attempt in range(tries):
         try:
             return load_state(path), read_meta(path)
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - retried, then re-raised
             if attempt == tries - 1:
                 raise
@@ -139,7 +161,7 @@ def agree_on_resume(rank: int, device: torch.device, candidates: Callable[[], Se
     plan: ResumePlan | None = None
     state: dict | None = None
     if rank == 0:
-        reg = registered()
+        reg = _registered_or_none(registered)
         path, state, meta = choose_checkpoint(candidates(), reg[1] if reg else None,
                                               load_with_retries_once)
         if path == REGISTERED and reg is not None:
@@ -159,6 +181,20 @@ def agree_on_resume(rank: int, device: torch.device, candidates: Callable[[], Se
                 raise RuntimeError(f"{plan.checkpoint} changed while resuming: epoch "
                                    f"{meta.epoch}, rank 0 read {plan.epoch}")
     return state, plan
+
+
+def _registered_or_none(registered: Callable[[], tuple[dict, CheckpointMeta] | None]
+                        ) -> tuple[dict, CheckpointMeta] | None:
+    """Ray's registered checkpoint, or ``None`` when it no longer loads (damaged: the
+    candidates, which include its folder, then fall back past it)."""
+    try:
+        return registered()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged or gone: choose among the folders
+        log.warning("Ray's registered checkpoint does not load (%s); choosing among the "
+                    "run's checkpoint folders", e)
+        return None
 
 
 def load_with_retries_once(path: str) -> tuple[dict, CheckpointMeta]:
