@@ -257,12 +257,15 @@ class TrainConfig:
     # GPUs each worker reserves when use_gpu (a fraction shares one GPU, e.g. with the actor).
     gpus_per_worker: float = 1.0
     max_failures: int = 0
+    # Joining a cluster (RAY_ADDRESS): seconds to wait for the workers' CPUs/GPUs (an
+    # autoscaler adding nodes) before giving up with what was asked; 0 = wait for ever.
+    resource_timeout_s: float = 1800.0
 
     def check(self, where: str) -> None:
         check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
                        "cpus_per_worker", "gpus_per_worker")
         check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
-                       strict=False)
+                       "resource_timeout_s", strict=False)
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         if self.weight_decay_end is not None and self.weight_decay_end < 0:
             raise ConfigError(f"{where}.weight_decay_end must be >= 0 or null, "
@@ -621,5 +624,8 @@ def load_config(source: str | Path | Mapping[str, Any] | ExperimentConfig | None
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}; fix the file") from None
     return from_dict(raw, overrides, source=str(path))

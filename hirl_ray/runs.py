@@ -11,6 +11,8 @@ fit hands back. No Ray here.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import yaml
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig
-from hirl_ray.data import dataset_size
+from hirl_ray.data import describe_split
 from hirl_ray.hierarchy.memory import (
     RebuildMemory,
     check_rebuild_memory,
@@ -150,19 +152,49 @@ RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"
                ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
 
 
-def check_data(cfg: ExperimentConfig) -> int:
-    """Count the train split (an S3 image folder by listing it) and check sizes against it.
+@dataclass(frozen=True)
+class DataFacts:
+    """What :func:`inspect_data` learned: train-split size, and distinct labels per label
+    level (finest first; ``None`` when unknown without downloading, e.g. an ``s3://`` image
+    folder)."""
 
-    Returns the number of training samples. With a local Ray, also compares the rebuild's
-    memory estimate with this machine (warns, or raises when it cannot fit).
+    num_samples: int
+    classes: tuple[int, ...] | None
+
+
+def check_data(cfg: ExperimentConfig) -> int:
+    """:func:`inspect_data`, returning the number of training samples."""
+    return inspect_data(cfg).num_samples
+
+
+def inspect_data(cfg: ExperimentConfig) -> DataFacts:
+    """Build (an S3 image folder: count) both splits and check them against the experiment.
+
+    Refuses, with one line naming the key or file: an empty test split, files found broken
+    without decoding (:meth:`~hirl_ray.data.base.HierDataset.bad_files`), a global batch or
+    ``hirl.num_clusters[0]`` larger than the train split. Warns when a label level has one
+    class (pretraining needs no labels; that level's label metrics are then trivially 1).
+    With a local Ray, also compares the rebuild's memory estimate with this machine (warns,
+    or raises when it cannot fit).
     """
-    n = dataset_size(cfg.data, "train")
+    train = describe_split(cfg.data, "train")
+    test = describe_split(cfg.data, "test")
+    _check_files(cfg, train.bad_files + test.bad_files)
+    n = train.size
+    if test.size == 0:
+        raise ConfigError(f"data.root={cfg.data.root}: the test split is empty; the final "
+                          "evaluation needs test images (val/ or test/ class folders)")
     if cfg.train.batch_size > n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training "
                           f"samples of data.name={cfg.data.name!r}; lower it")
     if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
         raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
                           f"training samples of data.name={cfg.data.name!r}; lower it")
+    single = [j for j, k in enumerate(train.classes or ()) if k == 1]
+    if single:
+        log.warning("data.name=%r has a single class at label level %s: pretraining does not "
+                    "need labels, but that level's label metrics (knn_acc, nmi, ...) are "
+                    "trivially 1", cfg.data.name, ", ".join(map(str, single)))
     if cfg.hirl.enabled and not os.environ.get("RAY_ADDRESS"):
         # Local Ray: the prototype actor runs on this machine. When joining a cluster we cannot
         # know its node yet; train_on_ray checks there once the actor is placed.
@@ -170,7 +202,93 @@ def check_data(cfg: ExperimentConfig) -> int:
                                        "this machine (local Ray)")
         if warning:
             log.warning(warning)
-    return n
+    return DataFacts(n, train.classes)
+
+
+def _check_files(cfg: ExperimentConfig, bad_files: tuple[tuple[str, str], ...]) -> None:
+    """Refuse the files a cheap scan found broken (zero bytes, not an image file)."""
+    if not bad_files:
+        return
+    # data.on_bad_file (skip | error) comes with the run-time handling of undecodable files;
+    # until a config has it, broken files are refused here, as decoding them would fail.
+    if getattr(cfg.data, "on_bad_file", "error") != "error":
+        log.warning("data.root=%s: %d broken files (zero bytes or not images) will be skipped",
+                    cfg.data.root, len(bad_files))
+        return
+    path, reason = bad_files[0]
+    root = Path(str(cfg.data.root)).expanduser()
+    shown = os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
+    k = len(bad_files) - 1
+    more = f" (and {k} more broken file{'s' if k > 1 else ''})" if k else ""
+    fix = "remove or replace it" if reason == "zero bytes" else \
+        "convert it to .jpg/.png or move it out of the class folder"
+    raise ConfigError(f"data.root={cfg.data.root}: {shown} is {reason}{more}; {fix}")
+
+
+# ---- resources ----------------------------------------------------------------------------
+
+def ray_given() -> bool:
+    """Whether fit/tune use a Ray they were given instead of starting a local one.
+
+    Given: ``RAY_ADDRESS`` is set, or this process already called ``ray.init`` (asked without
+    importing Ray: only the Ray glue imports it).
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def resource_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """What a fit reserves at once: one bundle per Ray Train worker, then the prototype
+    actor's (when it reserves anything)."""
+    t = cfg.train
+    worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    bundles = [dict(worker) for _ in range(t.num_workers)]
+    h = cfg.hirl
+    actor = {k: v for k, v in (("CPU", h.actor_num_cpus), ("GPU", h.actor_num_gpus)) if v > 0}
+    return bundles + ([actor] if h.enabled and actor else [])
+
+
+#: Config keys named in :func:`check_local_resources`' message, for a fit.
+TRAIN_RESOURCE_KEYS = {"workers": "train.num_workers", "cpus": "train.cpus_per_worker",
+                       "gpus": "train.gpus_per_worker", "no_gpu": "train.use_gpu=false"}
+
+
+def local_gpu_count() -> int:
+    """GPUs CUDA shows this process (what a local Ray would offer)."""
+    return torch.cuda.device_count()
+
+
+def check_local_resources(cfg: ExperimentConfig,
+                          keys: Mapping[str, str] = TRAIN_RESOURCE_KEYS) -> None:
+    """Refuse a request this machine can never meet, when hirl_ray would start a local Ray.
+
+    A local Ray offers this machine's CPUs and GPUs and nothing else: a request above them
+    waits for ever (Ray: "No available node types can fulfill resource request"). On a
+    cluster we were given (:func:`ray_given`) an autoscaler may still add nodes, so there
+    ``train.resource_timeout_s`` bounds the wait instead (``train/ray_fit.py``).
+    ``keys``: the config keys to name (the sweep's ``tune.resources`` ones for a sweep).
+    """
+    if ray_given():
+        return
+    bundles = resource_bundles(cfg)
+    t, h = cfg.train, cfg.hirl
+    for resource, have in (("GPU", local_gpu_count()), ("CPU", os.cpu_count() or 1)):
+        need = sum(b.get(resource, 0.0) for b in bundles)
+        if need <= have + 1e-9:
+            continue
+        kind = resource.lower() + "s"
+        per = {"GPU": t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}
+        actor = {"GPU": h.actor_num_gpus, "CPU": h.actor_num_cpus}[resource] if h.enabled else 0
+        asked = [f"{keys['workers']}={t.num_workers} x {keys[kind]}={per[resource]:g}"] \
+            if per[resource] else []
+        asked += [f"hirl.actor_num_{kind}={actor:g}"] if actor else []
+        fix = f"set {keys['no_gpu']} or " if resource == "GPU" and t.use_gpu else ""
+        raise ConfigError(
+            f"{' + '.join(asked)} needs {need:g} {resource}{'s' if need != 1 else ''} but this "
+            f"machine has {have} (local Ray would wait for ever); {fix}ask for fewer, or set "
+            "RAY_ADDRESS to join a cluster")
 
 
 def rebuild_memory(cfg: ExperimentConfig, num_samples: int) -> RebuildMemory:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from hirl_ray import storage
 from hirl_ray.config import DATASETS, ConfigError, DataConfig
@@ -159,10 +162,37 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
     return len(build_dataset(cfg, split))
 
 
+@dataclass(frozen=True)
+class SplitFacts:
+    """What the driver learns about one split before Ray starts.
+
+    ``classes``: distinct labels per label level (finest first), ``None`` when unknown without
+    downloading (an ``s3://`` image folder is only counted); ``bad_files``: ``(path, reason)``
+    found by :meth:`HierDataset.bad_files` (no decoding).
+    """
+
+    size: int
+    classes: tuple[int, ...] | None
+    bad_files: tuple[tuple[str, str], ...]
+
+
+def describe_split(cfg: DataConfig, split: str) -> SplitFacts:
+    """Size, classes per level and cheaply found broken files of one split."""
+    if cfg.name == "imagefolder" and _remote_root(cfg):
+        return SplitFacts(dataset_size(cfg, split), None, ())
+    ds = build_dataset(cfg, split)
+    labels = np.asarray(ds.labels)
+    classes = tuple(int(np.unique(labels[:, j][labels[:, j] >= 0]).size)
+                    for j in range(labels.shape[1]))
+    return SplitFacts(len(ds), classes, tuple(ds.bad_files()))
+
+
 __all__ = [
     "DATASETS",
     "register_dataset",
     "dataset_size",
+    "describe_split",
+    "SplitFacts",
     "dataset_level_names",
     "HierDataset",
     "TensorHierDataset",

@@ -37,6 +37,11 @@ class HierDataset(Dataset):
         """The raw image of sample ``i`` (subclasses implement this)."""
         raise NotImplementedError
 
+    def bad_files(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of source files found broken by a cheap scan (no decoding);
+        in-memory datasets have none."""
+        return []
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.image(i), int(i)
 

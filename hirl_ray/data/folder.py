@@ -1,16 +1,19 @@
 """ImageNet-layout image folders: ``root/{train,val|test}/<class>/<image>``.
 
 Images stay on disk and are decoded lazily as RGB ``PIL.Image`` objects; the transform
-(``multi_view_transform`` / ``eval_transform``) crops them to ``data.image_size``.
+(``multi_view_transform`` / ``eval_transform``) crops them to ``data.image_size``. Grayscale,
+palette, RGBA and CMYK files are converted to RGB; 16-bit grayscale is scaled to 8 bits.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from hirl_ray.config import ConfigError
 from hirl_ray.data.base import HierDataset
@@ -30,6 +33,19 @@ def _split_dir(root: Path, split: str) -> Path:
         f"data.root={root}: missing {split} split folder {wanted} "
         "with one sub-folder of images per class"
     )
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB.
+
+    PIL's ``convert("RGB")`` clips 16-bit grayscale (``I;16``, e.g. medical or scientific PNGs)
+    at 255, which turns almost every pixel white; those are scaled to 8 bits first.
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode.startswith("I;16"):
+            img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+        return img.convert("RGB")
 
 
 class ImageFolderDataset(HierDataset):
@@ -73,6 +89,17 @@ class ImageFolderDataset(HierDataset):
                 f"data.root={root}: {folder}/ holds no images "
                 f"({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class sub-folders"
             )
+        # An empty class folder is almost always a failed copy: its class would silently
+        # have no sample in this split.
+        counts = Counter(t for _, t in samples)
+        empty = sorted(c for c in classes if (folder / c).is_dir() and not counts[class_to_idx[c]])
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise ConfigError(
+                f"data.root={root}: class folder {folder.name}/{empty[0]}/{more} holds no images "
+                f"({', '.join(IMG_EXTENSIONS[:4])}, ...); add images or remove the folder"
+            )
+        self.folder = folder
         self.root = root
         self.classes: list[str] = classes
         self.paths = [p for p, _ in samples]
@@ -80,4 +107,21 @@ class ImageFolderDataset(HierDataset):
         self.level_names = LEVEL_NAMES
 
     def image(self, i: int) -> Image.Image:
-        return default_loader(self.paths[i])  # PIL, converted to RGB
+        return load_rgb(self.paths[i])
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of files found broken without decoding any image.
+
+        Cheap enough for ImageNet on the driver (one listing, one ``stat`` per image): image
+        files of zero bytes, and files in class folders whose extension is not an image's
+        (the loader would skip them silently: a ``.gif`` or ``.heic`` class loses its samples).
+        Hidden files (``.DS_Store``) are skipped. Truncated or corrupt images are only found
+        when decoded, at run time.
+        """
+        bad = [(p, "zero bytes") for p in self.paths if os.stat(p).st_size == 0]
+        for class_name in self.classes:
+            class_dir = self.folder / class_name
+            for parent, _, names in os.walk(class_dir, followlinks=True):
+                bad += [(os.path.join(parent, n), "not an image file") for n in sorted(names)
+                        if not n.startswith(".") and not n.lower().endswith(IMG_EXTENSIONS)]
+        return bad

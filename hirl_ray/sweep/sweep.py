@@ -16,9 +16,21 @@ from typing import Any
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
 from hirl_ray.data import dataset_level_names
-from hirl_ray.runs import LAYOUT, check_data
-from hirl_ray.sweep.sampling import Params, check_against, search_params, sizes_from_params
+from hirl_ray.runs import LAYOUT, check_local_resources, inspect_data
+from hirl_ray.sweep.sampling import (
+    Params,
+    check_against,
+    fixed_overrides,
+    search_params,
+    sizes_from_params,
+)
 from hirl_ray.sweep.space import TUNE_SECTION, TuneConfig, tune_spec
+
+#: The keys that set one trial's resources (named when this machine cannot meet them).
+TRIAL_RESOURCE_KEYS = {"workers": "tune.resources.workers_per_trial",
+                       "cpus": "tune.resources.cpus_per_worker",
+                       "gpus": "tune.resources.gpus_per_worker",
+                       "no_gpu": "tune.resources.gpus_per_worker=0"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,12 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
     if not cfg.hirl.enabled:
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
     params = search_params(spec, cfg)
-    num_samples = check_data(cfg)
+    facts = inspect_data(cfg)
+    num_samples = facts.num_samples
     level_names = dataset_level_names(cfg.data, "train")
-    check_against(spec, params, cfg, num_samples, level_names)
+    check_against(spec, params, cfg, num_samples, level_names, facts.classes)
+    check_local_resources(load_config(cfg, fixed_overrides(spec, cfg.storage.path, "check")),
+                          TRIAL_RESOURCE_KEYS)
     sweep_dir = Path(storage.resolve(cfg.run_dir))
     started = LAYOUT.tune_dir(sweep_dir).exists()
     if resume and not started:
