@@ -87,8 +87,23 @@ def _npz(root: Path, **arrays: np.ndarray) -> Path:
     return root / "data.npz"
 
 
-def make_data(kind: str, root: Path) -> Path:
-    """The dataset ``kind`` (a case's ``# data:``) under ``root``; returns what @DATA@ means."""
+def _upload(folder: Path, name: str, extra: dict[str, bytes]) -> str:
+    """``folder``'s files, plus ``extra`` objects, under ``s3://hirl-bad-inputs/<name>``."""
+    import boto3
+
+    s3, bucket = boto3.client("s3"), "hirl-bad-inputs"
+    if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=bucket)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes()
+             for p in folder.rglob("*") if p.is_file()}
+    for key, body in {**files, **extra}.items():
+        s3.put_object(Bucket=bucket, Key=f"{name}/{key}", Body=body)
+    return f"s3://{bucket}/{name}"
+
+
+def make_data(kind: str, root: Path) -> Path | str:
+    """The dataset ``kind`` (a case's ``# data:``) under ``root`` (or in the moto server's
+    bucket); returns what @DATA@ means."""
     if kind == "folder":
         return _folder(root)
     if kind == "file":
@@ -137,6 +152,9 @@ def make_data(kind: str, root: Path) -> Path:
     if kind == "npz_float_255":
         x = np.linspace(0, 255, 10 * 8 * 8 * 3, dtype=np.float32).reshape(10, 8, 8, 3)
         return _npz(root, x=x, y=np.arange(10) % 2)
+    if kind == "s3_folder_zero_byte":  # the moto server is up (the case requires s3)
+        return _upload(_folder(root / "local"), root.parent.name,
+                       extra={"train/b/broken.png": b""})
     if kind == "run_small_cnn":
         (root / "run").mkdir(parents=True)
         (root / "run" / "config.yaml").write_text(yaml.safe_dump(load_config(None).to_dict()))

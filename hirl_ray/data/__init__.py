@@ -18,6 +18,7 @@ from hirl_ray import storage
 from hirl_ray.config import DATASETS, ConfigError, DataConfig
 from hirl_ray.data.base import HierDataset, TensorHierDataset, ViewDataset, label_parents
 from hirl_ray.data.folder import LEVEL_NAMES as FOLDER_LEVELS
+from hirl_ray.data.folder import SPLIT_FOLDERS
 from hirl_ray.data.synthetic import LEVEL_NAMES as SYNTHETIC_LEVELS
 from hirl_ray.data.transforms import MEAN, STD, eval_transform, multi_view_transform
 
@@ -147,7 +148,6 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
     (and npz files in S3, a single object each) are built as usual.
     """
     if cfg.name == "imagefolder" and _remote_root(cfg):
-        from hirl_ray.data.folder import SPLIT_FOLDERS
         from hirl_ray.data.s3 import count_folder_images
 
         for folder in SPLIT_FOLDERS[split]:
@@ -179,7 +179,13 @@ class SplitFacts:
 def describe_split(cfg: DataConfig, split: str) -> SplitFacts:
     """Size, classes per level and cheaply found broken files of one split."""
     if cfg.name == "imagefolder" and _remote_root(cfg):
-        return SplitFacts(dataset_size(cfg, split), None, ())
+        from hirl_ray.data.s3 import scan_folder
+
+        for folder in SPLIT_FOLDERS[split]:
+            n, bad = scan_folder(str(cfg.root), folder)
+            if n:
+                return SplitFacts(n, None, tuple(bad))
+        return SplitFacts(dataset_size(cfg, split), None, ())  # raises: no images
     ds = build_dataset(cfg, split)
     labels = np.asarray(ds.labels)
     classes = tuple(int(np.unique(labels[:, j][labels[:, j] >= 0]).size)
