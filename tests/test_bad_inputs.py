@@ -474,3 +474,34 @@ def test_a_missing_bucket_is_not_retried_but_a_transient_error_is():
     calls.clear()
     assert storage.retry(fail("AWS Error NETWORK_CONNECTION: reset"), base_delay_s=0) == "ok"
     assert len(calls) == 3
+
+
+def test_a_sweep_on_a_given_cluster_first_waits_for_one_trials_resources(monkeypatch, tmp_path):
+    from hirl_ray.sweep import search
+    from hirl_ray.sweep.sampling import search_params
+    from hirl_ray.sweep.space import tune_spec
+    from hirl_ray.train import ray_fit
+
+    class Reached(Exception):
+        pass
+
+    def stop(name):
+        def fn(*args, **kwargs):
+            raise Reached(name, args)
+        return fn
+
+    cfg = load_config({"train": {"resource_timeout_s": 7},
+                       "tune": {"metric": "knn_acc/superclass",
+                                "resources": {"workers_per_trial": 2, "cpus_per_worker": 0.5}}})
+    spec = tune_spec(cfg)
+    base = {k: v for k, v in cfg.to_dict().items() if k != "tune"}
+    monkeypatch.setattr(search, "init_ray_for_sweep", lambda: None)
+    monkeypatch.setattr(ray_fit, "wait_for_resources", stop("wait"))
+    monkeypatch.setattr(search, "_trainable", stop("tune"))
+    monkeypatch.setattr(search, "ray_given", lambda: True)
+    with pytest.raises(Reached) as info:
+        search.run_sweep(spec, search_params(spec, cfg), tmp_path, base, 100)
+    assert info.value.args == ("wait", ([{"CPU": 0.5}, {"CPU": 0.5}], 7.0))
+    monkeypatch.setattr(search, "ray_given", lambda: False)
+    with pytest.raises(Reached, match="tune"):
+        search.run_sweep(spec, search_params(spec, cfg), tmp_path, base, 100)

@@ -18,10 +18,16 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from hirl_ray.config import ConfigError
+from hirl_ray.config import ConfigError, from_dict
 from hirl_ray.logs import get_logger
-from hirl_ray.runs import LAYOUT
-from hirl_ray.sweep.sampling import DefineByRun, Params, grid_points, sizes_from_params
+from hirl_ray.runs import LAYOUT, ray_given, resource_bundles
+from hirl_ray.sweep.sampling import (
+    DefineByRun,
+    Params,
+    fixed_overrides,
+    grid_points,
+    sizes_from_params,
+)
 from hirl_ray.sweep.space import TuneConfig
 from hirl_ray.sweep.trial import FreeStoppedTrials, run_trial
 from hirl_ray.train import ray_compat
@@ -107,9 +113,15 @@ def run_sweep(spec: TuneConfig, params: Params, sweep_dir: Path, base: dict[str,
 
     ``params``: :func:`hirl_ray.sweep.sampling.search_params` of ``spec``.
     """
+    given = ray_given()  # before init: after it, Ray is always initialized
     url = init_ray_for_sweep()
     if url:
         log.info("Ray dashboard: %s", url)
+    if given:  # one trial must fit on the cluster we joined (a local Ray was checked before)
+        from hirl_ray.train.ray_fit import wait_for_resources
+
+        trial = from_dict(base, fixed_overrides(spec, str(sweep_dir), "check"))
+        wait_for_resources(resource_bundles(trial), trial.train.resource_timeout_s)
     experiment = LAYOUT.tune_dir(sweep_dir)
     trainable = _trainable(spec, sweep_dir, base, num_samples)
     callbacks = [FreeStoppedTrials(str(sweep_dir))]
