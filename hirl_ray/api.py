@@ -12,14 +12,8 @@ from hirl_ray.config import DataConfig, ExperimentConfig, load_config
 from hirl_ray.eval.checkpoint import CheckpointEvaluation, load_backbone, run_checkpoint_evaluation
 from hirl_ray.hierarchy.faiss_build import check_faiss_install
 from hirl_ray.logs import console, get_logger
-from hirl_ray.runs import (
-    LAYOUT,
-    FitResult,
-    check_data,
-    check_local_resources,
-    prepare_run,
-    rebuild_memory,
-)
+from hirl_ray.resources import check_local_resources
+from hirl_ray.runs import LAYOUT, FitResult, check_data, prepare_run, rebuild_memory
 
 __all__ = ["FitResult", "TuneResult", "evaluate", "fit", "load_backbone", "prepare_run", "tune"]
 

@@ -2,8 +2,9 @@
 
 :class:`RunLayout` is the one place that names what a run folder (``storage.path/
 storage.name``) and a sweep folder hold; code asks it for paths instead of spelling folder
-names. :func:`check_data`, :func:`prepare_run` and :func:`rebuild_memory` are the checks and
-decisions every run goes through before Ray starts; ``api`` and ``sweep`` both import them
+names. :func:`inspect_data` (:func:`check_data`), :func:`prepare_run` and :func:`rebuild_memory`
+are the checks and decisions every run goes through before Ray starts (with
+:func:`hirl_ray.resources.check_local_resources`); ``api`` and ``sweep`` both import them
 from here (nothing below ``api``/``cli``/``sweep`` calls them). :class:`FitResult` is what a
 fit hands back. No Ray here.
 """
@@ -11,8 +12,6 @@ fit hands back. No Ray here.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,11 +153,12 @@ RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"
 
 @dataclass(frozen=True)
 class DataFacts:
-    """What :func:`inspect_data` learned: train-split size, and distinct labels per label
-    level (finest first; ``None`` when unknown without downloading, e.g. an ``s3://`` image
-    folder)."""
+    """What :func:`inspect_data` learned of the train split: its size, label levels (finest
+    first) and distinct labels per level (``None`` when unknown without downloading, e.g. an
+    ``s3://`` image folder)."""
 
     num_samples: int
+    level_names: tuple[str, ...]
     classes: tuple[int, ...] | None
 
 
@@ -190,11 +190,12 @@ def inspect_data(cfg: ExperimentConfig) -> DataFacts:
     if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
         raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
                           f"training samples of data.name={cfg.data.name!r}; lower it")
-    single = [j for j, k in enumerate(train.classes or ()) if k == 1]
+    single = [name for name, k in zip(train.level_names, train.classes or (), strict=False)
+              if k == 1]
     if single:
         log.warning("data.name=%r has a single class at label level %s: pretraining does not "
                     "need labels, but that level's label metrics (knn_acc, nmi, ...) are "
-                    "trivially 1", cfg.data.name, ", ".join(map(str, single)))
+                    "trivially 1", cfg.data.name, ", ".join(single))
     if cfg.hirl.enabled and not os.environ.get("RAY_ADDRESS"):
         # Local Ray: the prototype actor runs on this machine. When joining a cluster we cannot
         # know its node yet; train_on_ray checks there once the actor is placed.
@@ -202,7 +203,7 @@ def inspect_data(cfg: ExperimentConfig) -> DataFacts:
                                        "this machine (local Ray)")
         if warning:
             log.warning(warning)
-    return DataFacts(n, train.classes)
+    return DataFacts(n, train.level_names, train.classes)
 
 
 def _check_files(cfg: ExperimentConfig, bad_files: tuple[tuple[str, str], ...]) -> None:
@@ -223,72 +224,6 @@ def _check_files(cfg: ExperimentConfig, bad_files: tuple[tuple[str, str], ...]) 
     fix = "remove or replace it" if reason == "zero bytes" else \
         "convert it to .jpg/.png or move it out of the class folder"
     raise ConfigError(f"data.root={cfg.data.root}: {shown} is {reason}{more}; {fix}")
-
-
-# ---- resources ----------------------------------------------------------------------------
-
-def ray_given() -> bool:
-    """Whether fit/tune use a Ray they were given instead of starting a local one.
-
-    Given: ``RAY_ADDRESS`` is set, or this process already called ``ray.init`` (asked without
-    importing Ray: only the Ray glue imports it).
-    """
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
-def resource_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
-    """What a fit reserves at once: one bundle per Ray Train worker, then the prototype
-    actor's (when it reserves anything)."""
-    t = cfg.train
-    worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    bundles = [dict(worker) for _ in range(t.num_workers)]
-    h = cfg.hirl
-    actor = {k: v for k, v in (("CPU", h.actor_num_cpus), ("GPU", h.actor_num_gpus)) if v > 0}
-    return bundles + ([actor] if h.enabled and actor else [])
-
-
-#: Config keys named in :func:`check_local_resources`' message, for a fit.
-TRAIN_RESOURCE_KEYS = {"workers": "train.num_workers", "cpus": "train.cpus_per_worker",
-                       "gpus": "train.gpus_per_worker", "no_gpu": "train.use_gpu=false"}
-
-
-def local_gpu_count() -> int:
-    """GPUs CUDA shows this process (what a local Ray would offer)."""
-    return torch.cuda.device_count()
-
-
-def check_local_resources(cfg: ExperimentConfig,
-                          keys: Mapping[str, str] = TRAIN_RESOURCE_KEYS) -> None:
-    """Refuse a request this machine can never meet, when hirl_ray would start a local Ray.
-
-    A local Ray offers this machine's CPUs and GPUs and nothing else: a request above them
-    waits for ever (Ray: "No available node types can fulfill resource request"). On a
-    cluster we were given (:func:`ray_given`) an autoscaler may still add nodes, so there
-    ``train.resource_timeout_s`` bounds the wait instead (``train/ray_fit.py``).
-    ``keys``: the config keys to name (the sweep's ``tune.resources`` ones for a sweep).
-    """
-    if ray_given():
-        return
-    bundles = resource_bundles(cfg)
-    t, h = cfg.train, cfg.hirl
-    for resource, have in (("GPU", local_gpu_count()), ("CPU", os.cpu_count() or 1)):
-        need = sum(b.get(resource, 0.0) for b in bundles)
-        if need <= have + 1e-9:
-            continue
-        kind = resource.lower() + "s"
-        per = {"GPU": t.gpus_per_worker if t.use_gpu else 0.0, "CPU": t.cpus_per_worker}
-        actor = {"GPU": h.actor_num_gpus, "CPU": h.actor_num_cpus}[resource] if h.enabled else 0
-        asked = [f"{keys['workers']}={t.num_workers} x {keys[kind]}={per[resource]:g}"] \
-            if per[resource] else []
-        asked += [f"hirl.actor_num_{kind}={actor:g}"] if actor else []
-        fix = f"set {keys['no_gpu']} or " if resource == "GPU" and t.use_gpu else ""
-        raise ConfigError(
-            f"{' + '.join(asked)} needs {need:g} {resource}{'s' if need != 1 else ''} but this "
-            f"machine has {have} (local Ray would wait for ever); {fix}ask for fewer, or set "
-            "RAY_ADDRESS to join a cluster")
 
 
 def rebuild_memory(cfg: ExperimentConfig, num_samples: int) -> RebuildMemory:

@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 
 import hirl_ray
-from hirl_ray import cli, runs
+from hirl_ray import cli, resources, runs
 from hirl_ray.config import ConfigError, load_config
 from hirl_ray.data import TensorHierDataset, register_dataset
 from hirl_ray.data.folder import ImageFolderDataset, load_rgb
@@ -209,7 +209,7 @@ def no_ray_started(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     was_initialized = ray.is_initialized()
     if was_initialized:  # a Ray left by an earlier test in this process is not "given"
-        monkeypatch.setattr(runs, "ray_given", lambda: False)
+        monkeypatch.setattr(resources, "ray_given", lambda: False)
     before = ray_processes()
 
     def reached_ray(*args, **kwargs):
@@ -326,22 +326,23 @@ def test_single_class_data_trains_with_a_warning(tmp_path, caplog):
     cfg = load_config({"data": {"name": "imagefolder", "root": str(root)},
                        "train": {"batch_size": 4}, "hirl": {"num_clusters": [4, 2]}})
     with caplog.at_level(logging.WARNING, logger="hirl_ray"):
-        assert runs.inspect_data(cfg).classes == (1,)
-    assert any("single class" in r.getMessage() for r in caplog.records)
+        facts = runs.inspect_data(cfg)
+    assert facts.classes == (1,) and facts.level_names == ("class",)
+    assert any("single class at label level class" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------- resources
 
 def test_local_resources_are_checked_only_when_hirl_ray_starts_ray(monkeypatch):
     cfg = load_config(None, ["train.use_gpu=true"])
-    monkeypatch.setattr(runs, "local_gpu_count", lambda: 2)
-    monkeypatch.setattr(runs, "ray_given", lambda: False)
-    runs.check_local_resources(cfg)  # 2 workers x 1 GPU fit on 2 GPUs
-    monkeypatch.setattr(runs, "local_gpu_count", lambda: 1)
+    monkeypatch.setattr(resources, "local_gpu_count", lambda: 2)
+    monkeypatch.setattr(resources, "ray_given", lambda: False)
+    resources.check_local_resources(cfg)  # 2 workers x 1 GPU fit on 2 GPUs
+    monkeypatch.setattr(resources, "local_gpu_count", lambda: 1)
     with pytest.raises(ConfigError, match="needs 2 GPUs but this machine has 1"):
-        runs.check_local_resources(cfg)
-    monkeypatch.setattr(runs, "ray_given", lambda: True)  # a cluster may add GPU nodes
-    runs.check_local_resources(cfg)
+        resources.check_local_resources(cfg)
+    monkeypatch.setattr(resources, "ray_given", lambda: True)  # a cluster may add GPU nodes
+    resources.check_local_resources(cfg)
 
 
 def test_ray_given_by_address_or_by_an_earlier_ray_init(monkeypatch):
@@ -354,20 +355,20 @@ def test_ray_given_by_address_or_by_an_earlier_ray_init(monkeypatch):
     fake = FakeRay()
     monkeypatch.setitem(__import__("sys").modules, "ray", fake)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not runs.ray_given()
+    assert not resources.ray_given()
     fake.initialized = True
-    assert runs.ray_given()
+    assert resources.ray_given()
     fake.initialized = False
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert runs.ray_given()
+    assert resources.ray_given()
 
 
 def test_resource_bundles_count_workers_and_the_actor():
     cfg = load_config(None, ["train.use_gpu=true", "train.num_workers=4", "train.batch_size=8",
                              "train.gpus_per_worker=0.5", "hirl.actor_num_cpus=2"])
-    assert runs.resource_bundles(cfg) == [{"CPU": 1.0, "GPU": 0.5}] * 4 + [{"CPU": 2.0}]
+    assert resources.resource_bundles(cfg) == [{"CPU": 1.0, "GPU": 0.5}] * 4 + [{"CPU": 2.0}]
     off = load_config(cfg, ["hirl.enabled=false"])
-    assert runs.resource_bundles(off) == [{"CPU": 1.0, "GPU": 0.5}] * 4
+    assert resources.resource_bundles(off) == [{"CPU": 1.0, "GPU": 0.5}] * 4
 
 
 def test_fit_on_a_given_cluster_waits_for_resources_with_the_configured_timeout(monkeypatch):

@@ -166,12 +166,13 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
 class SplitFacts:
     """What the driver learns about one split before Ray starts.
 
-    ``classes``: distinct labels per label level (finest first), ``None`` when unknown without
-    downloading (an ``s3://`` image folder is only counted); ``bad_files``: ``(path, reason)``
-    found by :meth:`HierDataset.bad_files` (no decoding).
+    ``level_names``: label levels, finest first; ``classes``: distinct labels per level, ``None``
+    when unknown without downloading (an ``s3://`` image folder is only counted);
+    ``bad_files``: ``(path, reason)`` found by :meth:`HierDataset.bad_files` (no decoding).
     """
 
     size: int
+    level_names: tuple[str, ...]
     classes: tuple[int, ...] | None
     bad_files: tuple[tuple[str, str], ...]
 
@@ -181,16 +182,17 @@ def describe_split(cfg: DataConfig, split: str) -> SplitFacts:
     if cfg.name == "imagefolder" and _remote_root(cfg):
         from hirl_ray.data.s3 import scan_folder
 
+        names = dataset_level_names(cfg, split)  # fixed for image folders: nothing downloaded
         for folder in SPLIT_FOLDERS[split]:
             n, bad = scan_folder(str(cfg.root), folder)
             if n:
-                return SplitFacts(n, None, tuple(bad))
-        return SplitFacts(dataset_size(cfg, split), None, ())  # raises: no images
+                return SplitFacts(n, names, None, tuple(bad))
+        return SplitFacts(dataset_size(cfg, split), names, None, ())  # raises: no images
     ds = build_dataset(cfg, split)
     labels = np.asarray(ds.labels)
     classes = tuple(int(np.unique(labels[:, j][labels[:, j] >= 0]).size)
                     for j in range(labels.shape[1]))
-    return SplitFacts(len(ds), classes, tuple(ds.bad_files()))
+    return SplitFacts(len(ds), tuple(ds.level_names), classes, tuple(ds.bad_files()))
 
 
 __all__ = [

@@ -20,7 +20,8 @@ from ray import tune
 
 from hirl_ray.config import ConfigError, from_dict
 from hirl_ray.logs import get_logger
-from hirl_ray.runs import LAYOUT, ray_given, resource_bundles
+from hirl_ray.resources import ray_given, resource_bundles
+from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep.sampling import (
     DefineByRun,
     Params,

@@ -15,8 +15,8 @@ from typing import Any
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
-from hirl_ray.data import dataset_level_names
-from hirl_ray.runs import LAYOUT, check_local_resources, inspect_data
+from hirl_ray.resources import check_local_resources
+from hirl_ray.runs import LAYOUT, inspect_data
 from hirl_ray.sweep.sampling import (
     Params,
     check_against,
@@ -61,9 +61,9 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                resume: bool = False) -> SweepPlan:
     """Every check of a sweep, before Ray starts (raises one-line ``ConfigError``).
 
-    Label level names come from :func:`~hirl_ray.data.dataset_level_names`: for an image folder
-    (also on ``s3://``) they are fixed, so nothing is downloaded on the driver; the train split
-    is only counted.
+    Label level names come from :func:`~hirl_ray.runs.inspect_data`: for an image folder on
+    ``s3://`` they are fixed, so nothing is downloaded on the driver; the splits are only
+    listed.
     """
     if isinstance(config_or_path, (str, Path)) and Path(config_or_path).is_dir():
         cfg, _, _ = load_sweep(config_or_path)  # resume from the sweep folder itself
@@ -79,8 +79,7 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
     params = search_params(spec, cfg)
     facts = inspect_data(cfg)
-    num_samples = facts.num_samples
-    level_names = dataset_level_names(cfg.data, "train")
+    num_samples, level_names = facts.num_samples, facts.level_names
     check_against(spec, params, cfg, num_samples, level_names, facts.classes)
     check_local_resources(load_config(cfg, fixed_overrides(spec, cfg.storage.path, "check")),
                           TRIAL_RESOURCE_KEYS)

@@ -25,7 +25,8 @@ from hirl_ray.hierarchy.memory import (
 )
 from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.logs import get_logger
-from hirl_ray.runs import LAYOUT, FitResult, ray_given, resource_bundles
+from hirl_ray.resources import ray_given, resource_bundles
+from hirl_ray.runs import LAYOUT, FitResult
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
 from hirl_ray.train.ray_cluster import connect
 from hirl_ray.train.ray_worker import train_worker, worker_config
