@@ -12,6 +12,7 @@ from hirl_ray.config import DataConfig, ExperimentConfig, load_config
 from hirl_ray.eval.checkpoint import CheckpointEvaluation, load_backbone, run_checkpoint_evaluation
 from hirl_ray.hierarchy.faiss_build import check_faiss_install
 from hirl_ray.logs import console, get_logger
+from hirl_ray.resources import check_local_resources
 from hirl_ray.runs import LAYOUT, FitResult, check_data, prepare_run, rebuild_memory
 from hirl_ray.train.checkpoint import newest_checkpoint_config
 from hirl_ray.train.interrupt import Interrupted
@@ -42,7 +43,8 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
     console()
     cfg = load_config(config_or_path, overrides)
     check_faiss_install()
-    num_samples = check_data(cfg)  # every check above happens before Ray starts
+    num_samples = check_data(cfg)  # every check up to prepare_run happens before Ray starts
+    check_local_resources(cfg)
     run_dir = prepare_run(cfg, newest_checkpoint_config)
     from hirl_ray.train.ray_fit import run_fit  # imports Ray
 

@@ -291,12 +291,15 @@ class TrainConfig:
     max_nan_skips: int = 10
     # Clip the global L2 norm of the gradients to this before the optimiser step (null: off).
     grad_clip: float | None = None
+    # Joining a cluster (RAY_ADDRESS): seconds to wait for the workers' CPUs/GPUs (an
+    # autoscaler adding nodes) before giving up with what was asked; 0 = wait for ever.
+    resource_timeout_s: float = 1800.0
 
     def check(self, where: str) -> None:
         check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
                        "cpus_per_worker", "gpus_per_worker", "max_nan_skips")
         check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
-                       strict=False)
+                       "resource_timeout_s", strict=False)
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         check_choice(f"{where}.on_nan", self.on_nan, ON_NAN)
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -692,5 +695,8 @@ def load_config(source: str | Path | Mapping[str, Any] | ExperimentConfig | None
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}; fix the file") from None
     return from_dict(raw, overrides, source=str(path))

@@ -2,8 +2,9 @@
 
 :class:`RunLayout` is the one place that names what a run folder (``storage.path/
 storage.name``) and a sweep folder hold; code asks it for paths instead of spelling folder
-names. :func:`check_data`, :func:`prepare_run` and :func:`rebuild_memory` are the checks and
-decisions every run goes through before Ray starts; ``api`` and ``sweep`` both import them
+names. :func:`inspect_data` (:func:`check_data`), :func:`prepare_run` and :func:`rebuild_memory`
+are the checks and decisions every run goes through before Ray starts (with
+:func:`hirl_ray.resources.check_local_resources`); ``api`` and ``sweep`` both import them
 from here (nothing below ``api``/``cli``/``sweep`` calls them). :class:`FitResult` is what a
 fit hands back. No Ray here.
 """
@@ -21,7 +22,7 @@ import yaml
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig
-from hirl_ray.data import dataset_size
+from hirl_ray.data import describe_split
 from hirl_ray.hierarchy.memory import (
     RebuildMemory,
     check_rebuild_memory,
@@ -151,19 +152,51 @@ RESUME_KEYS = (("model", "backbone"), ("model", "width"), ("model", "small_stem"
                ("hirl", "embedding"))  # sets the heads' width (runs before it had none: refused)
 
 
-def check_data(cfg: ExperimentConfig) -> int:
-    """Count the train split (an S3 image folder by listing it) and check sizes against it.
+@dataclass(frozen=True)
+class DataFacts:
+    """What :func:`inspect_data` learned of the train split: its size, label levels (finest
+    first) and distinct labels per level (``None`` when unknown without downloading, e.g. an
+    ``s3://`` image folder)."""
 
-    Returns the number of training samples. With a local Ray, also compares the rebuild's
-    memory estimate with this machine (warns, or raises when it cannot fit).
+    num_samples: int
+    level_names: tuple[str, ...]
+    classes: tuple[int, ...] | None
+
+
+def check_data(cfg: ExperimentConfig) -> int:
+    """:func:`inspect_data`, returning the number of training samples."""
+    return inspect_data(cfg).num_samples
+
+
+def inspect_data(cfg: ExperimentConfig) -> DataFacts:
+    """Build (an S3 image folder: count) both splits and check them against the experiment.
+
+    Refuses, with one line naming the key or file: an empty test split, files found broken
+    without decoding (:meth:`~hirl_ray.data.base.HierDataset.bad_files`), a global batch or
+    ``hirl.num_clusters[0]`` larger than the train split. Warns when a label level has one
+    class (pretraining needs no labels; that level's label metrics are then trivially 1).
+    With a local Ray, also compares the rebuild's memory estimate with this machine (warns,
+    or raises when it cannot fit).
     """
-    n = dataset_size(cfg.data, "train")
+    train = describe_split(cfg.data, "train")
+    test = describe_split(cfg.data, "test")
+    _check_files(cfg, train.bad_files + test.bad_files)
+    n = train.size
+    if test.size == 0:
+        raise ConfigError(f"data.root={cfg.data.root}: the test split is empty; the final "
+                          "evaluation needs test images (val/ or test/ class folders)")
     if cfg.train.batch_size > n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n} training "
                           f"samples of data.name={cfg.data.name!r}; lower it")
     if cfg.hirl.enabled and cfg.hirl.num_clusters[0] > n:
         raise ConfigError(f"hirl.num_clusters[0]={cfg.hirl.num_clusters[0]} exceeds the {n} "
                           f"training samples of data.name={cfg.data.name!r}; lower it")
+    single = [name for name, k in zip(train.level_names, train.classes or (), strict=False)
+              if k == 1]
+    if single:
+        log.warning("data.name=%r has a single class at label level %s: pretraining does not "
+                    "need labels, but that level's label metrics (knn_acc, nmi, ...) are "
+                    "trivially 1", cfg.data.name, ", ".join(single))
     if cfg.hirl.enabled and not os.environ.get("RAY_ADDRESS"):
         # Local Ray: the prototype actor runs on this machine. When joining a cluster we cannot
         # know its node yet; train_on_ray checks there once the actor is placed.
@@ -171,7 +204,27 @@ def check_data(cfg: ExperimentConfig) -> int:
                                        "this machine (local Ray)")
         if warning:
             log.warning(warning)
-    return n
+    return DataFacts(n, train.level_names, train.classes)
+
+
+def _check_files(cfg: ExperimentConfig, bad_files: tuple[tuple[str, str], ...]) -> None:
+    """Refuse the files a cheap scan found broken (zero bytes, not an image file)."""
+    if not bad_files:
+        return
+    # data.on_bad_file (skip | error) comes with the run-time handling of undecodable files;
+    # until a config has it, broken files are refused here, as decoding them would fail.
+    if getattr(cfg.data, "on_bad_file", "error") != "error":
+        log.warning("data.root=%s: %d broken files (zero bytes or not images) will be skipped",
+                    cfg.data.root, len(bad_files))
+        return
+    path, reason = bad_files[0]
+    root = Path(str(cfg.data.root)).expanduser()
+    shown = os.path.relpath(path, root) if Path(path).is_relative_to(root) else path
+    k = len(bad_files) - 1
+    more = f" (and {k} more broken file{'s' if k > 1 else ''})" if k else ""
+    fix = "remove or replace it" if reason == "zero bytes" else \
+        "convert it to .jpg/.png or move it out of the class folder"
+    raise ConfigError(f"data.root={cfg.data.root}: {shown} is {reason}{more}; {fix}")
 
 
 def rebuild_memory(cfg: ExperimentConfig, num_samples: int) -> RebuildMemory:

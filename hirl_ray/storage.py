@@ -79,15 +79,22 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(_local_path(uri).resolve())
 
 
+#: pyarrow's names of S3 errors that no retry can fix (a missing bucket, refused credentials):
+#: reported at once instead of after the whole backoff.
+PERMANENT_ERRORS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID",
+                    "SIGNATURE_DOES_NOT_MATCH")
+
+
 def retry(fn: Callable[[], T], attempts: int = 5, base_delay_s: float = 0.5) -> T:
-    """Call ``fn``, retrying OSErrors (how pyarrow reports S3 faults) with backoff."""
+    """Call ``fn``, retrying OSErrors (how pyarrow reports S3 faults) with backoff; not
+    :data:`PERMANENT_ERRORS`."""
     for i in range(attempts):
         try:
             return fn()
         except FileNotFoundError:
             raise
-        except OSError:
-            if i == attempts - 1:
+        except OSError as e:
+            if i == attempts - 1 or any(code in str(e) for code in PERMANENT_ERRORS):
                 raise
             time.sleep(base_delay_s * 2**i)
     raise AssertionError("unreachable")

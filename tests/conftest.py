@@ -53,8 +53,16 @@ def ray_session(s3_server):
 
 
 def _init_test_ray(ray) -> None:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hirl_ray",
-             logging_level="WARNING")
+    """A local Ray started by address, like hirl_ray's own: its tasks never guess among the
+    other Ray instances on the machine (a test's subprocess sweep, say)."""
+    from hirl_ray.train.ray_cluster import connect
+
+    given = os.environ.pop("RAY_ADDRESS", None)  # the tests' Ray is always a local one
+    try:
+        connect(num_cpus=2, dashboard=False)
+    finally:
+        if given is not None:
+            os.environ["RAY_ADDRESS"] = given
 
 
 @pytest.fixture(scope="module")

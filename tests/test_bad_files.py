@@ -114,7 +114,7 @@ def test_skip_serves_the_next_readable_image_and_counts_each_file_once(tmp_path)
     assert values == [(10, 0), *((20, i) for i in range(1, 1 + len(BAD))),
                       (20, 1 + len(BAD)), (30, 2 + len(BAD))]
     assert int(ds.bad_file_mask().sum()) == len(BAD)
-    assert sorted(Path(p).name.split("_", 2)[2] for p in ds.bad_files()) == sorted(BAD)
+    assert sorted(Path(p).name.split("_", 2)[2] for p in ds.skipped_files()) == sorted(BAD)
     for i in range(len(ds)):  # a second epoch: same images, no double count
         ds[i]
     assert int(ds.bad_file_mask().sum()) == len(BAD)

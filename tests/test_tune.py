@@ -210,15 +210,16 @@ def test_label_free_silhouette_prefers_the_true_number_of_clusters():
 def local_ray():
     """The session's Ray if one runs, else a fresh local one (2 CPUs, no dashboard).
 
-    ``address="local"``: a stale ``/tmp/ray/ray_current_cluster`` left by a ``ray start`` on
-    this machine must not make ``ray.init`` try to join that cluster.
+    Started by address (``connect``): a stale ``/tmp/ray/ray_current_cluster`` left by a
+    ``ray start`` on this machine must not make ``ray.init`` try to join that cluster.
     """
     import ray
 
+    from hirl_ray.train.ray_cluster import connect
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hirl_ray",
-                 logging_level="WARNING")
+        connect(num_cpus=2, dashboard=False)
     yield ray
     if started:
         ray.shutdown()

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from hirl_ray import storage
 from hirl_ray.config import DATASETS, ConfigError, DataConfig
 from hirl_ray.data.base import HierDataset, TensorHierDataset, ViewDataset, label_parents
 from hirl_ray.data.folder import LEVEL_NAMES as FOLDER_LEVELS
+from hirl_ray.data.folder import SPLIT_FOLDERS
 from hirl_ray.data.synthetic import LEVEL_NAMES as SYNTHETIC_LEVELS
 from hirl_ray.data.transforms import MEAN, STD, eval_transform, multi_view_transform
 
@@ -144,7 +148,6 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
     (and npz files in S3, a single object each) are built as usual.
     """
     if cfg.name == "imagefolder" and _remote_root(cfg):
-        from hirl_ray.data.folder import SPLIT_FOLDERS
         from hirl_ray.data.s3 import count_folder_images
 
         for folder in SPLIT_FOLDERS[split]:
@@ -159,10 +162,45 @@ def dataset_size(cfg: DataConfig, split: str) -> int:
     return len(build_dataset(cfg, split))
 
 
+@dataclass(frozen=True)
+class SplitFacts:
+    """What the driver learns about one split before Ray starts.
+
+    ``level_names``: label levels, finest first; ``classes``: distinct labels per level, ``None``
+    when unknown without downloading (an ``s3://`` image folder is only counted);
+    ``bad_files``: ``(path, reason)`` found by :meth:`HierDataset.bad_files` (no decoding).
+    """
+
+    size: int
+    level_names: tuple[str, ...]
+    classes: tuple[int, ...] | None
+    bad_files: tuple[tuple[str, str], ...]
+
+
+def describe_split(cfg: DataConfig, split: str) -> SplitFacts:
+    """Size, classes per level and cheaply found broken files of one split."""
+    if cfg.name == "imagefolder" and _remote_root(cfg):
+        from hirl_ray.data.s3 import scan_folder
+
+        names = dataset_level_names(cfg, split)  # fixed for image folders: nothing downloaded
+        for folder in SPLIT_FOLDERS[split]:
+            n, bad = scan_folder(str(cfg.root), folder)
+            if n:
+                return SplitFacts(n, names, None, tuple(bad))
+        return SplitFacts(dataset_size(cfg, split), names, None, ())  # raises: no images
+    ds = build_dataset(cfg, split)
+    labels = np.asarray(ds.labels)
+    classes = tuple(int(np.unique(labels[:, j][labels[:, j] >= 0]).size)
+                    for j in range(labels.shape[1]))
+    return SplitFacts(len(ds), tuple(ds.level_names), classes, tuple(ds.bad_files()))
+
+
 __all__ = [
     "DATASETS",
     "register_dataset",
     "dataset_size",
+    "describe_split",
+    "SplitFacts",
     "dataset_level_names",
     "HierDataset",
     "TensorHierDataset",

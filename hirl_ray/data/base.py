@@ -42,6 +42,11 @@ class HierDataset(Dataset):
         ``None`` for sets that read no files per sample."""
         return None
 
+    def bad_files(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of source files found broken by a cheap scan (no decoding);
+        in-memory datasets have none."""
+        return []
+
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.image(i), int(i)
 

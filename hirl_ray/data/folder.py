@@ -13,6 +13,8 @@ was found and :meth:`ImageFolderDataset.bad_file_mask` counts each file once.
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,17 @@ class ImageFolderDataset(HierDataset):
                 f"data.root={root}: {folder}/ holds no images "
                 f"({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class sub-folders"
             )
+        # An empty class folder is almost always a failed copy: its class would silently
+        # have no sample in this split.
+        counts = Counter(t for _, t in samples)
+        empty = sorted(c for c in classes if (folder / c).is_dir() and not counts[class_to_idx[c]])
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise ConfigError(
+                f"data.root={root}: class folder {folder.name}/{empty[0]}/{more} holds no images "
+                f"({', '.join(IMG_EXTENSIONS[:4])}, ...); add images or remove the folder"
+            )
+        self.folder = folder
         self.root = root
         self.classes: list[str] = classes
         self.paths = [p for p, _ in samples]
@@ -168,6 +181,23 @@ class ImageFolderDataset(HierDataset):
         """``(N,)`` uint8: 1 for every file found unreadable and skipped so far."""
         return self._bad
 
-    def bad_files(self) -> list[str]:
-        """Paths of the files skipped so far."""
+    def skipped_files(self) -> list[str]:
+        """Paths of the files skipped so far (``data.on_bad_file=skip``)."""
         return [self.paths[j] for j in torch.nonzero(self._bad).flatten().tolist()]
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of files found broken without decoding any image.
+
+        Cheap enough for ImageNet on the driver (one listing, one ``stat`` per image): image
+        files of zero bytes, and files in class folders whose extension is not an image's
+        (the loader would skip them silently: a ``.gif`` or ``.heic`` class loses its samples).
+        Hidden files (``.DS_Store``) are skipped. Truncated or corrupt images are only found
+        when decoded, at run time.
+        """
+        bad = [(p, "zero bytes") for p in self.paths if os.stat(p).st_size == 0]
+        for class_name in self.classes:
+            class_dir = self.folder / class_name
+            for parent, _, names in os.walk(class_dir, followlinks=True):
+                bad += [(os.path.join(parent, n), "not an image file") for n in sorted(names)
+                        if not n.startswith(".") and not n.lower().endswith(IMG_EXTENSIONS)]
+        return bad

@@ -40,7 +40,8 @@ def _bucket_prefix(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
 
 
-def _list_or_fail(client, uri: str, bucket: str, prefix: str) -> dict[str, int]:
+def _list_or_fail(client, uri: str, bucket: str, prefix: str,
+                  allow_empty: bool = False) -> dict[str, int]:
     """Every object under ``prefix/`` (key → size), or a one-line :class:`ConfigError`."""
     import botocore.exceptions
 
@@ -53,7 +54,7 @@ def _list_or_fail(client, uri: str, bucket: str, prefix: str) -> dict[str, int]:
     except botocore.exceptions.ClientError as e:
         raise ConfigError(f"data.root={uri}: {e.response['Error'].get('Code')}: cannot "
                           "list it; check the bucket name and IAM permissions") from None
-    if not objects:
+    if not objects and not allow_empty:
         raise ConfigError(f"data.root={uri} holds no objects; upload the dataset there "
                           "(ImageFolder layout: train/ and val/ class sub-folders)")
     return objects
@@ -67,19 +68,33 @@ def count_folder_images(uri: str, split_folder: str) -> int:
     ``train.batch_size`` and ``hirl.num_clusters`` against an ImageNet-sized bucket without
     copying 1.28M files to a machine that never trains.
     """
+    return scan_folder(uri, split_folder)[0]
+
+
+def scan_folder(uri: str, split_folder: str) -> tuple[int, list[tuple[str, str]]]:
+    """:func:`count_folder_images`, and the objects a local copy's
+    :meth:`~hirl_ray.data.folder.ImageFolderDataset.bad_files` would report (zero-byte images,
+    non-image files in class folders; hidden files skipped), as ``(s3 URI, reason)``."""
     import boto3
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     bucket, prefix = _bucket_prefix(uri)
-    objects = _list_or_fail(boto3.client("s3"), uri, bucket, prefix)
     root = f"{prefix}/{split_folder}/" if prefix else f"{split_folder}/"
-    count = 0
-    for key in objects:
+    # Only the split's folder: ImageNet's val/ is not listed with its 1.28M train/ images.
+    objects = _list_or_fail(boto3.client("s3"), uri, bucket, root.rstrip("/"), allow_empty=True)
+    count, bad = 0, []
+    for key, size in objects.items():
         rest = key[len(root):] if key.startswith(root) else ""
         # "<class>/<...>/<file>": files directly in the split folder belong to no class.
-        if "/" in rest and rest.lower().endswith(IMG_EXTENSIONS):
+        if "/" not in rest:
+            continue
+        if rest.lower().endswith(IMG_EXTENSIONS):
             count += 1
-    return count
+            if size == 0:
+                bad.append((f"s3://{bucket}/{key}", "zero bytes"))
+        elif not rest.rsplit("/", 1)[1].startswith("."):
+            bad.append((f"s3://{bucket}/{key}", "not an image file"))
+    return count, sorted(bad)
 
 
 def localize(uri: str, max_workers: int = 16) -> Path:

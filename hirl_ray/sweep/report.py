@@ -21,12 +21,19 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from hirl_ray.logs import redact_text
+from hirl_ray.logs import get_logger, redact_text
 from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep import plots
 from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneConfig
 from hirl_ray.sweep.sweep import load_sweep
 from hirl_ray.sweep.tree import prototype_tree
+
+log = get_logger(__name__)
+
+#: What Optuna raises when a study cannot give importances: no such study (a grid sweep has
+#: none: KeyError), too few or differently-shaped trials (ValueError), zero variance
+#: (RuntimeError). The table's |Spearman rho| stands in, silently.
+NO_IMPORTANCE = (KeyError, ValueError, RuntimeError)
 
 
 def _importance(sweep_dir: Path, spec: TuneConfig, table: pd.DataFrame,
@@ -43,8 +50,11 @@ def _importance(sweep_dir: Path, spec: TuneConfig, table: pd.DataFrame,
         values = optuna.importance.get_param_importances(study, target=target)
         if values:
             return {k: float(v) for k, v in values.items()}, "Optuna fANOVA"
-    except Exception:  # too few trials, grid sweep without a study, …
-        pass
+    except NO_IMPORTANCE as e:
+        log.debug("no Optuna importance for %s: %s", sweep_dir, e)
+    except Exception as e:  # noqa: BLE001 - e.g. an unreadable study: say so, keep the report
+        log.warning("Optuna parameter importance failed (%s: %s); the report shows |Spearman "
+                    "rho| instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     return plots.spearman_importance(table, columns, spec.primary_metric), "|Spearman rho|"
 
 

@@ -190,8 +190,11 @@ def _corners(spec: TuneConfig, params: Params) -> list[tuple[str, dict[str, Any]
 
 
 def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_samples: int,
-                  level_names: Sequence[str]) -> None:
+                  level_names: Sequence[str], classes: Sequence[int] | None = None) -> None:
     """Checks that need the base experiment and the data (run before Ray starts).
+
+    ``classes``: distinct labels per level of the train split, when known; a label metric of
+    a level with one class scores every trial 1 and cannot rank them.
 
     Every corner of the space must give a valid experiment; cluster sizes must not exceed
     the training samples; ASHA's grace period must outlast the HIRL warm-up (a trial judged
@@ -211,6 +214,10 @@ def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_s
         if prefix in produced and level not in level_names:
             have = ", ".join(level_names) or "none (unlabelled data: use label_free/silhouette)"
             raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")
+        j = list(level_names).index(level) if prefix in produced else -1
+        if classes is not None and 0 <= j < len(classes) and classes[j] < 2:
+            raise ConfigError(f"tune.metric {m!r}: label level {level!r} has a single class, so "
+                              f"every trial scores the same; use {LABEL_FREE_METRIC}")
     base = {"hirl.enabled": True, **fixed_overrides(spec, cfg.storage.path, "check")}
     warmups = [cfg.hirl.warmup_epochs]
     for where, point in _corners(spec, params):

@@ -11,23 +11,29 @@ after a resume).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
 from ray import tune
 
-from hirl_ray.config import ConfigError
+from hirl_ray.config import ConfigError, from_dict
 from hirl_ray.logs import get_logger
+from hirl_ray.resources import ray_given, resource_bundles
 from hirl_ray.runs import LAYOUT
-from hirl_ray.sweep.sampling import DefineByRun, Params, grid_points, sizes_from_params
+from hirl_ray.sweep.sampling import (
+    DefineByRun,
+    Params,
+    fixed_overrides,
+    grid_points,
+    sizes_from_params,
+)
 from hirl_ray.sweep.space import TuneConfig
 from hirl_ray.sweep.trial import FreeStoppedTrials, run_trial
 from hirl_ray.train import ray_compat
 from hirl_ray.train.checkpoint import latest_checkpoint, read_meta
+from hirl_ray.train.ray_cluster import connect
 
 log = get_logger(__name__)
 
@@ -35,20 +41,13 @@ log = get_logger(__name__)
 def init_ray_for_sweep() -> str | None:
     """Join ``RAY_ADDRESS`` or start a local Ray with the dashboard; returns the dashboard URL.
 
-    ``address="local"``: a cluster someone else started on this machine with ``ray start``
-    must not be joined by accident (``ray.init()`` would).
+    By address either way (``train/ray_cluster.py``): a cluster someone else started on this
+    machine with ``ray start`` is never joined by accident.
     """
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        dashboard = os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1"
-        kwargs: dict[str, Any] = {"address": address, "namespace": "hirl_ray",
-                                  "logging_level": logging.WARNING}
-        if address == "local":
-            kwargs.update(include_dashboard=dashboard, dashboard_host="127.0.0.1")
-        ctx = ray.init(**kwargs)
-        url = getattr(ctx, "dashboard_url", None)
-        return f"http://{url}" if url else None
-    return None
+    dashboard = os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1"
+    ctx = connect(dashboard=dashboard, dashboard_host="127.0.0.1")
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url else None
 
 
 def optuna_storage(spec: TuneConfig, sweep_dir: Path) -> Any:
@@ -115,9 +114,15 @@ def run_sweep(spec: TuneConfig, params: Params, sweep_dir: Path, base: dict[str,
 
     ``params``: :func:`hirl_ray.sweep.sampling.search_params` of ``spec``.
     """
+    given = ray_given()  # before init: after it, Ray is always initialized
     url = init_ray_for_sweep()
     if url:
         log.info("Ray dashboard: %s", url)
+    if given:  # one trial must fit on the cluster we joined (a local Ray was checked before)
+        from hirl_ray.train.ray_fit import wait_for_resources
+
+        trial = from_dict(base, fixed_overrides(spec, str(sweep_dir), "check"))
+        wait_for_resources(resource_bundles(trial), trial.train.resource_timeout_s)
     experiment = LAYOUT.tune_dir(sweep_dir)
     trainable = _trainable(spec, sweep_dir, base, num_samples)
     callbacks = [FreeStoppedTrials(str(sweep_dir))]

@@ -15,11 +15,23 @@ from typing import Any
 
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, from_dict, load_config
-from hirl_ray.data import dataset_level_names
 from hirl_ray.logs import is_redacted, redact
-from hirl_ray.runs import LAYOUT, check_data
-from hirl_ray.sweep.sampling import Params, check_against, search_params, sizes_from_params
+from hirl_ray.resources import check_local_resources
+from hirl_ray.runs import LAYOUT, inspect_data
+from hirl_ray.sweep.sampling import (
+    Params,
+    check_against,
+    fixed_overrides,
+    search_params,
+    sizes_from_params,
+)
 from hirl_ray.sweep.space import TUNE_SECTION, TuneConfig, tune_spec
+
+#: The keys that set one trial's resources (named when this machine cannot meet them).
+TRIAL_RESOURCE_KEYS = {"workers": "tune.resources.workers_per_trial",
+                       "cpus": "tune.resources.cpus_per_worker",
+                       "gpus": "tune.resources.gpus_per_worker",
+                       "no_gpu": "tune.resources.gpus_per_worker=0"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,9 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                resume: bool = False) -> SweepPlan:
     """Every check of a sweep, before Ray starts (raises one-line ``ConfigError``).
 
-    Label level names come from :func:`~hirl_ray.data.dataset_level_names`: for an image folder
-    (also on ``s3://``) they are fixed, so nothing is downloaded on the driver; the train split
-    is only counted.
+    Label level names come from :func:`~hirl_ray.runs.inspect_data`: for an image folder on
+    ``s3://`` they are fixed, so nothing is downloaded on the driver; the splits are only
+    listed.
     """
     if isinstance(config_or_path, (str, Path)) and Path(config_or_path).is_dir():
         cfg, _, _ = load_sweep(config_or_path)  # resume from the sweep folder itself
@@ -70,9 +82,11 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
     if not cfg.hirl.enabled:
         raise ConfigError("hirl.enabled must be true for a hierarchy sweep")
     params = search_params(spec, cfg)
-    num_samples = check_data(cfg)
-    level_names = dataset_level_names(cfg.data, "train")
-    check_against(spec, params, cfg, num_samples, level_names)
+    facts = inspect_data(cfg)
+    num_samples, level_names = facts.num_samples, facts.level_names
+    check_against(spec, params, cfg, num_samples, level_names, facts.classes)
+    check_local_resources(load_config(cfg, fixed_overrides(spec, cfg.storage.path, "check")),
+                          TRIAL_RESOURCE_KEYS)
     sweep_dir = Path(storage.resolve(cfg.run_dir))
     started = LAYOUT.tune_dir(sweep_dir).exists()
     if resume and not started:

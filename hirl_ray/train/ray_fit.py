@@ -4,7 +4,6 @@ evaluate the final checkpoint. Called by :func:`hirl_ray.fit` after validation."
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from hirl_ray import storage
-from hirl_ray.config import ExperimentConfig, RunStopped
+from hirl_ray.config import ConfigError, ExperimentConfig, RunStopped
 from hirl_ray.eval.checkpoint import evaluate_checkpoint
 from hirl_ray.hierarchy.actor import ActorSettings, actor_name, start_actor
 from hirl_ray.hierarchy.memory import (
@@ -27,9 +26,11 @@ from hirl_ray.hierarchy.memory import (
 )
 from hirl_ray.hierarchy.snapshot import latest_snapshot
 from hirl_ray.logs import get_logger, redact
+from hirl_ray.resources import ray_given, resource_bundles
 from hirl_ray.runs import LAYOUT, FitResult
 from hirl_ray.train.checkpoint import latest_good_checkpoint, read_meta
 from hirl_ray.train.interrupt import Interrupted, StopRequest, run_in_thread
+from hirl_ray.train.ray_cluster import connect
 from hirl_ray.train.ray_stop import start_stop_flag
 from hirl_ray.train.ray_worker import train_worker, worker_config
 from hirl_ray.train.steps import call_with_modules, registering_modules
@@ -38,18 +39,40 @@ log = get_logger(__name__)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS``'s cluster if set, else start a local Ray (once per process)."""
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"namespace": "hirl_ray", "logging_level": logging.WARNING,
-                              "log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
-        # "local": a stale /tmp/ray/ray_current_cluster from any `ray start` on this machine
-        # must not turn this into a connection to someone else's cluster.
-        kwargs["address"] = "local"
-        kwargs["num_cpus"] = num_cpus
-        kwargs["include_dashboard"] = os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1"
-    ray.init(**kwargs)
+    """Join ``RAY_ADDRESS``'s cluster if set, else start a local Ray (once per process); by
+    address either way (``train/ray_cluster.py``)."""
+    connect(num_cpus=num_cpus, dashboard=os.environ.get("HIRL_RAY_DASHBOARD", "1") == "1")
+
+
+def describe_bundles(bundles: Sequence[dict[str, float]]) -> str:
+    """``"2 x {CPU: 1, GPU: 1} + {CPU: 2}"``: what a placement of ``bundles`` asks for."""
+    groups: dict[str, int] = {}
+    for b in bundles:
+        text = "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}"
+        groups[text] = groups.get(text, 0) + 1
+    return " + ".join(f"{n} x {text}" if n > 1 else text for text, n in groups.items())
+
+
+def wait_for_resources(bundles: Sequence[dict[str, float]], timeout_s: float) -> None:
+    """Wait until the cluster can place ``bundles`` at once (an autoscaler may be adding
+    nodes), or give up after ``timeout_s`` (0: wait for ever) with a one-line ConfigError
+    saying what was asked and what the cluster has.
+
+    Ray Train itself would wait for ever ("No available node types can fulfill resource
+    request"); this asks with a placement group of the same bundles first and frees it.
+    """
+    pg = ray.util.placement_group(list(bundles), strategy="PACK")
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s if timeout_s > 0 else None)
+        if not ready:
+            have = {k: v for k, v in sorted(ray.cluster_resources().items())
+                    if k in ("CPU", "GPU")}
+            raise ConfigError(
+                f"train.resource_timeout_s: waited {timeout_s:g}s for {describe_bundles(bundles)}"
+                f" (train workers, prototype actor); the cluster has {have or 'nothing'}; add "
+                "nodes of that kind, ask for less, or raise train.resource_timeout_s")
+    finally:
+        ray.util.remove_placement_group(pg)
 
 
 def _node_of_this_process(_actor: Any = None) -> tuple[str, int | None]:
@@ -212,7 +235,11 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     SIGINT/SIGTERM stop training after the current epoch's checkpoint
     (:mod:`hirl_ray.train.interrupt`) and raise :class:`Interrupted` before the evaluation.
     """
+    given = ray_given()  # before init_ray: after it, Ray is always initialized
     init_ray()
+    if given:
+        # A local Ray we started was checked against this machine before it started.
+        wait_for_resources(resource_bundles(cfg), cfg.train.resource_timeout_s)
     flag_name = f"hirl-stop-{cfg.storage.name}-{os.getpid()}-{time.time_ns()}"
     flag = start_stop_flag(flag_name)
     try:
