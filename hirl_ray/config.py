@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -134,6 +135,13 @@ class DataConfig:
     test_per_class: int = 40
     seed: int = 0
     loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        # A relative local root means "from where the command runs": made absolute here, on the
+        # driver, because Ray workers run in another directory. URIs and ~ paths stay as given.
+        root = self.root
+        if root and "://" not in root and not root.startswith("~") and not os.path.isabs(root):
+            object.__setattr__(self, "root", os.path.abspath(root))
 
     def check(self, where: str) -> None:
         check_positive(self, where, "image_size", "train_per_class", "test_per_class")
