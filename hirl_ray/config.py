@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -158,6 +159,13 @@ class DataConfig:
     # An unreadable image (corrupt, truncated, empty, not an image): error = stop naming the
     # file; skip = use the next readable one, counted in data/bad_files_skipped.
     on_bad_file: str = "error"
+
+    def __post_init__(self) -> None:
+        # A relative local root means "from where the command runs": made absolute here, on the
+        # driver, because Ray workers run in another directory. URIs and ~ paths stay as given.
+        root = self.root
+        if root and "://" not in root and not root.startswith("~") and not os.path.isabs(root):
+            object.__setattr__(self, "root", os.path.abspath(root))
 
     def check(self, where: str) -> None:
         check_positive(self, where, "image_size", "train_per_class", "test_per_class")

@@ -111,3 +111,13 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path, override, message):
     # Nothing was created and Ray never started (no run folder, no Ray session line).
     assert not (tmp_path / "default").exists()
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_relative_data_root_is_made_absolute_at_load(tmp_path, monkeypatch):
+    """Ray workers run in another directory: a relative local data.root must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.name=npz", "data.root=data/set.npz"])
+    assert cfg.data.root == str(tmp_path / "data" / "set.npz")
+    assert load_config(cfg.to_dict()).data.root == cfg.data.root  # as a worker rebuilds it
+    for kept in ("s3://bucket/set", "~/data/set.npz", "/abs/set.npz"):
+        assert load_config(None, ["data.name=npz", f"data.root={kept}"]).data.root == kept
