@@ -47,7 +47,7 @@ def test_the_nan_hook_poisons_exactly_the_chosen_global_step(monkeypatch):
 def test_a_run_through_every_fault_finishes_with_no_saved_epoch_lost(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", "experiments.reliability.fault_injection",
-                           "--work", str(tmp_path / "w"), "--json", str(out), "--epochs", "5",
+                           "--work", str(tmp_path / "w"), "--json", str(out), "--epochs", "6",
                            "--timeout", "600"],
                           capture_output=True, text=True, timeout=2400, cwd=ROOT)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,7 +56,7 @@ def test_a_run_through_every_fault_finishes_with_no_saved_epoch_lost(tmp_path):
     assert not [f for f in faults.values() if "not_run" in f], result
     final = result["final"]
     assert proc.returncode == 0 and final["finished"], result
-    assert final["all_epochs_saved"] and final["saved_epochs"] == [1, 2, 3, 4, 5]
+    assert final["all_epochs_saved"] and final["saved_epochs"] == [1, 2, 3, 4, 5, 6]
     assert final["files_skipped"] == result["setup"]["unreadable_files"] == 2
 
     kill = faults["worker_killed"]
