@@ -19,7 +19,7 @@ from torch import nn
 from hirl_ray.config import HirlConfig
 from hirl_ray.hierarchy import PrototypeHierarchy
 from hirl_ray.schedules import cosine_lr, weight_decay_schedule
-from hirl_ray.train.numerics import NanGuard
+from hirl_ray.train.numerics import NanGuard, injected_nan_step
 from hirl_ray.train.optim import apply_schedule
 
 __all__ = ["EpochStats", "HierarchySource", "StaticHierarchy", "cosine_lr", "format_epoch",
@@ -144,6 +144,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     steps = samples = semantic_steps = 0
     guard = guard if guard is not None else NanGuard(inner, optimizer, device)
     guard.begin_epoch()
+    nan_step = injected_nan_step()  # test hook (fault injection); None in real runs
     lr = base_lr
     start = time.perf_counter()
     for views, index in loader:
@@ -157,6 +158,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         apply_schedule(optimizer, lr, base_lr, wd)
         views = [_to_device(v, device) for v in views]
         index = index.to(device, non_blocking=True)
+        if step == nan_step:
+            views[0] = torch.full_like(views[0], float("nan"))
         guard.before_forward()
         with torch.autocast(device.type, enabled=use_amp):
             out = model(views, index, h, generator)

@@ -23,6 +23,7 @@ method's ``after_backward`` hook (DINO's order: ``clip_gradients`` then
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -37,6 +38,22 @@ CHECK_EVERY = 50
 
 # Slots of the device counter vector (one host read gets them all).
 _BAD, _STREAK, _FIRST_BAD, _LIMIT = range(4)
+
+
+#: Test hook (fault injection only, ``experiments/reliability``): a global step number.
+NAN_STEP_ENV = "HIRL_RAY_FAULT_NAN_STEP"
+
+
+def injected_nan_step() -> int | None:
+    """The global step whose input batch a fault-injection test turns into NaN, or ``None``.
+
+    A test hook, read only here: ``HIRL_RAY_FAULT_NAN_STEP`` is unset in every real run (it is
+    in no config and no document tells users to set it). It exists so that a whole ``hirl-ray
+    fit`` (Ray workers included: they inherit the driver's environment) can be shown to stop,
+    or skip the step, on a NaN at a known place (``experiments/reliability/fault_injection.py``).
+    """
+    value = os.environ.get(NAN_STEP_ENV, "").strip()
+    return int(value) if value else None
 
 
 class NonFiniteError(RunStopped):

@@ -1,0 +1,1 @@
+"""Fault-injection scenario (issue 14): figures in results.json."""
