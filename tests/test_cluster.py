@@ -91,15 +91,20 @@ def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
     # `--block` ties the cluster's processes to this one; killing its process group stops
     # exactly this cluster (`ray stop` would stop every Ray on the machine).
     # Its own agent port: the session's Ray already listens on the default one.
+    # Ports chosen free now: another Ray on this machine (a sweep, another test run) may hold any
+    # fixed one, and a job would then land on that cluster.
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    address = f"127.0.0.1:{gcs_port}"
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2",
-                             "--port=6397", "--dashboard-port=8297", "--disable-usage-stats",
+                             f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+                             "--disable-usage-stats",
                              f"--dashboard-agent-listen-port={_free_port()}",
                              f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:
-        up = subprocess.run([ray_bin, "status", "--address", "127.0.0.1:6397"],
+        up = subprocess.run([ray_bin, "status", "--address", address],
                             capture_output=True, env=env, timeout=60)
         if up.returncode == 0:
             break
@@ -108,7 +113,7 @@ def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
     try:
         # What `ray submit clusters/aws.yaml clusters/submit.py fit …` runs on the head node
         # (there RAY_ADDRESS defaults to auto; here the test names its own cluster).
-        env["RAY_ADDRESS"] = "127.0.0.1:6397"
+        env["RAY_ADDRESS"] = address
         sub = subprocess.run(
             [sys.executable, str(ROOT / "clusters" / "submit.py"), "fit",
              "experiments/default.yaml", *TINY, f"storage.path={tmp_path}",
@@ -119,7 +124,7 @@ def test_submit_script_and_ray_job_submit_against_a_running_cluster(tmp_path):
         # `ray job submit --working-dir . -- hirl-ray fit …` against the same cluster.
         for _ in range(30):  # the dashboard's job agent may still be starting
             job = subprocess.run(
-                [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8297",
+                [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
                  "--working-dir", ".", "--", "hirl-ray", "fit", "experiments/default.yaml",
                  *TINY, f"storage.path={tmp_path}", "storage.name=job"],
                 capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
