@@ -189,10 +189,24 @@ class ModelConfig:
     small_stem: bool = True
     width: int = 64
     sync_bn: bool = False
+    # ViTs (backbone vit_*): patch side in pixels (null: vit_tiny an 8x8 grid, vit_b_16 16) and
+    # the stochastic-depth rate of the last block (the paper's ViT-B/16 recipes: 0.1).
+    patch_size: int | None = None
+    drop_path: float = 0.0
+
+    @property
+    def is_vit(self) -> bool:
+        """ViT backbones are the ones named ``vit_*`` (they expose patch tokens)."""
+        return self.backbone.startswith("vit")
 
     def check(self, where: str) -> None:
         check_positive(self, where, "width")
         check_choice(f"{where}.backbone", self.backbone, BACKBONES.names())
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ConfigError(f"{where}.patch_size must be a positive number of pixels or null, "
+                              f"got {self.patch_size}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{where}.drop_path must be in [0, 1), got {self.drop_path}")
 
 
 @dataclass(frozen=True)
@@ -208,7 +222,7 @@ class MethodConfig:
 
 
 #: Choices of the ``hirl:`` string keys.
-HIRL_EMBEDDINGS = ("projection", "backbone")
+HIRL_EMBEDDINGS = ("projection", "backbone", "vit_cls", "vit_mean")
 KMEANS_INITS = ("random", "kmeans++")
 NEG_AVERAGES = ("per_sample", "pooled")
 
@@ -234,7 +248,9 @@ class HirlConfig:
     # leave the official HIRL code" for each alternative and its cost.
     # projection: heads on the online projector output of view 0, clustering on the target
     # (else online) projector output; backbone: both on backbone features (d x d heads, D-dim
-    # k-means). Room for vit_cls / vit_mean (official ``train_emb``) once ViTs exist.
+    # k-means); vit_cls: the projection of a ViT's [CLS] token (= projection, official
+    # ``train_emb: vit_cls``); vit_mean: the mean over patch tokens of their projections
+    # (official ``vit_mean``; methods that project patch tokens: iBOT, BEiT).
     embedding: str = "projection"
     # random: faiss' default seeding (official); kmeans++: exact above level 0, AFK-MC2 at
     # level 0, single-threaded on CPU even with faiss-gpu (O(m K^2 D) per restart).
@@ -279,6 +295,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
+    # The cosine schedule ends at this learning rate (DINO/BEiT recipes: 2e-6 / 1e-5).
+    min_lr: float = 0.0
     weight_decay: float = 1e-4
     # None: constant weight_decay; a number: cosine from weight_decay to it (DINO: 0.04 -> 0.4).
     weight_decay_end: float | None = None
@@ -306,8 +324,11 @@ class TrainConfig:
     def check(self, where: str) -> None:
         check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
                        "cpus_per_worker", "gpus_per_worker", "max_nan_skips")
-        check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures",
+        check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures", "min_lr",
                        "resource_timeout_s", strict=False)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{where}.min_lr ({self.min_lr}) must be <= {where}.lr "
+                              f"({self.lr}): the cosine schedule decays from lr to min_lr")
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         check_choice(f"{where}.on_nan", self.on_nan, ON_NAN)
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -670,6 +691,28 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[st
     extra = {name: build(name, cls, merged[name]) for name, cls in _EXTRA_SECTIONS.items()
              if name in merged}
     cfg = ExperimentConfig(**sections, sections=extra)
+    _check_across_sections(cfg)
+    return cfg
+
+
+def _check_across_sections(cfg: ExperimentConfig) -> None:
+    """Checks that read more than one section (each section checked itself already)."""
+    emb = cfg.hirl.embedding
+    if emb.startswith("vit_") and not cfg.model.is_vit:
+        raise ConfigError(f"hirl.embedding={emb} needs a ViT backbone (model.backbone: vit_tiny "
+                          f"or vit_b_16), got {cfg.model.backbone}; use projection for CNNs")
+    method_cls = METHODS.get(cfg.method.name)
+    supported = getattr(method_cls, "embeddings", HIRL_EMBEDDINGS)
+    if emb not in supported:
+        raise ConfigError(f"hirl.embedding={emb} is not produced by method {cfg.method.name}; "
+                          f"choose one of {', '.join(supported)}")
+    if getattr(method_cls, "needs_vit", False) and not cfg.model.is_vit:
+        raise ConfigError(f"method {cfg.method.name} masks patch tokens and needs a ViT "
+                          f"backbone (model.backbone: vit_tiny or vit_b_16), got "
+                          f"{cfg.model.backbone}")
+    check = getattr(cfg.method, "check_experiment", None)
+    if check is not None:
+        check(cfg)  # a method's own cross-section checks (e.g. crop sizes vs patch size)
     best = cfg.storage.best_metric
     if best is not None and best not in EPOCH_METRICS and cfg.eval.every_epochs == 0:
         raise ConfigError(
@@ -679,7 +722,6 @@ def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[st
         raise ConfigError(
             f"hirl.warmup_epochs ({cfg.hirl.warmup_epochs}) must be < train.epochs "
             f"({cfg.train.epochs}), or HIRL never starts; lower it or set hirl.enabled=false")
-    return cfg
 
 
 def load_config(source: str | Path | Mapping[str, Any] | ExperimentConfig | None = None,

@@ -63,16 +63,19 @@ def cosine_schedule(base: float, final: float, progress: float, warmup_progress:
     return cosine_decay(base, final, (progress - warmup_progress) / (1.0 - warmup_progress))
 
 
-def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
-    """The learning rate at ``step``: linear warm-up then cosine decay to 0 (SimCLR, DINO).
+def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0,
+              min_lr: float = 0.0) -> float:
+    """The learning rate at ``step``: linear warm-up then cosine decay to ``min_lr``.
 
     Warm-up reaches ``base_lr`` at its last step (step ``warmup_steps − 1`` has
     ``base_lr``), then :func:`cosine_decay` runs over the remaining steps (Chen et al. 2020,
-    App. B.1: linear warm-up for 10 epochs, cosine decay without restarts).
+    App. B.1: linear warm-up for 10 epochs, cosine decay without restarts; DINO and the paper's
+    ViT recipes decay to ``min_lr`` = 2e-6 / 1e-5 instead of 0).
     """
     if warmup_steps and step < warmup_steps:
         return linear_warmup(base_lr, step + 1, warmup_steps)
-    return cosine_decay(base_lr, 0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return cosine_decay(base_lr, min_lr,
+                        (step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def weight_decay_schedule(base: float, final: float | None, progress: float) -> float:

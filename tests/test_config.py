@@ -58,7 +58,12 @@ def test_round_trip_through_dict():
     ({"train.lr": 0}, "train.lr must be > 0"),
     ({"hirl.warmup_epochs": 10, "train.epochs": 10}, "hirl.warmup_epochs (10) must be <"),
     ({"data.name": "imagefolder"}, "data.root is required"),
-    ({"hirl.embedding": "vit_cls"}, "hirl.embedding must be one of projection, backbone"),
+    ({"hirl.embedding": "cls"}, "hirl.embedding must be one of projection, backbone, vit_cls"),
+    ({"hirl.embedding": "vit_cls"}, "hirl.embedding=vit_cls needs a ViT backbone"),
+    ({"hirl.embedding": "vit_mean", "model.backbone": "vit_tiny"},
+     "hirl.embedding=vit_mean is not produced by method simclr"),
+    ({"train.min_lr": 0.1}, "train.min_lr (0.1) must be <= train.lr"),
+    ({"model.drop_path": 1.0}, "model.drop_path must be in [0, 1)"),
     ({"hirl.kmeans_init": "afk-mc2"}, "hirl.kmeans_init must be one of random, kmeans++"),
     ({"hirl.neg_average": "mean"}, "hirl.neg_average must be one of per_sample, pooled"),
 ])

@@ -106,3 +106,96 @@ def test_forward_by_resolution_of_two_equal_views_is_one_cat_pass() -> None:
     net, _ = build_backbone(ModelConfig(backbone="small_cnn", width=8), image_size=16)
     views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
     torch.testing.assert_close(forward_by_resolution(net, views), net(torch.cat(views)))
+
+
+# ---- ViTs, block masks, multi-crop ------------------------------------------------------------
+
+def _tiny_tv_vit(image_size: int = 32, patch: int = 8):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=image_size, patch_size=patch, num_layers=2, num_heads=2,
+                             hidden_dim=32, mlp_dim=64)
+
+
+def test_vit_cls_output_is_torchvisions_at_the_native_size() -> None:
+    from hirl_ray.models import ViT
+
+    net = _tiny_tv_vit().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = net.encoder(torch.cat([net.class_token.expand(3, -1, -1),
+                                          net._process_input(x)], dim=1))[:, 0]
+        ours = ViT(net).eval()(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_takes_other_sizes_and_refuses_sizes_off_the_patch_grid() -> None:
+    from hirl_ray.models import ViT
+
+    vit = ViT(_tiny_tv_vit()).eval()
+    assert vit.tokens(torch.randn(2, 3, 16, 16)).shape == (2, 1 + 4, 32)
+    assert vit.tokens(torch.randn(2, 3, 48, 48)).shape == (2, 1 + 36, 32)
+    with pytest.raises(ValueError, match="multiple of the ViT patch size 8"):
+        vit(torch.randn(1, 3, 20, 20))
+
+
+def test_vit_masked_patches_no_longer_see_the_image() -> None:
+    from hirl_ray.models import ViT
+
+    vit = ViT(_tiny_tv_vit()).eval()
+    a, b = torch.randn(2, 1, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="enable_masking"):
+        vit.tokens(a, torch.ones(1, 16, dtype=torch.bool))
+    vit.enable_masking()
+    everything = torch.ones(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.tokens(a, everything), vit.tokens(b, everything))
+        assert not torch.allclose(vit.tokens(a), vit.tokens(b))
+
+
+def test_vit_drop_path_is_random_in_training_only() -> None:
+    from hirl_ray.models import ViT
+
+    vit = ViT(_tiny_tv_vit(), drop_path=0.5)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        vit.train()
+        assert not torch.allclose(vit(x), vit(x))
+        vit.eval()
+        torch.testing.assert_close(vit(x), vit(x))
+
+
+def test_vit_backbones_build_from_config() -> None:
+    vit, dim = build_backbone(ModelConfig(backbone="vit_tiny"), 32)
+    assert dim == 192 and vit.patch_size == 4 and vit(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+    with pytest.raises(ConfigError, match="model.patch_size .5. must divide data.image_size"):
+        build_backbone(ModelConfig(backbone="vit_tiny", patch_size=5), 32)
+
+
+def test_block_masks_hit_their_ratio_and_repeat_with_the_seed() -> None:
+    from hirl_ray.models import block_mask, random_block_masks
+
+    for n in (0, 5, 30, 64):
+        m = block_mask(8, 8, n, torch.Generator().manual_seed(n))
+        assert m.shape == (8, 8) and int(m.sum()) <= n
+        assert int(m.sum()) >= 0.6 * n  # blocks may stop short, never far short
+    masks = random_block_masks(16, 8, (0.2, 0.5), torch.Generator().manual_seed(1))
+    ratios = masks.float().mean(1)
+    assert masks.shape == (16, 64) and bool((ratios <= 0.5 + 1e-6).all())
+    assert float(ratios.mean()) > 0.15
+    again = random_block_masks(16, 8, (0.2, 0.5), torch.Generator().manual_seed(1))
+    assert torch.equal(masks, again)
+    assert not random_block_masks(2, 8, (0.0, 0.0)).any()
+    with pytest.raises(ValueError, match="mask ratio range"):
+        random_block_masks(2, 8, (0.5, 0.2))
+
+
+def test_multi_crop_gives_global_then_local_views() -> None:
+    from hirl_ray.data.transforms import multi_crop_transform
+
+    t = multi_crop_transform(32, 16, num_global=2, num_local=4)
+    views = t(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
+    with pytest.raises(ValueError, match="local crop scale"):
+        multi_crop_transform(32, 16, local_scale=(0.5, 0.2))

@@ -71,3 +71,12 @@ def test_teacher_temperature_warms_up_linearly_then_stays():
     assert teacher_temperature(0.07, 0.3, warmup_start=0.04, warmup_progress=0.3) == 0.07
     assert teacher_temperature(0.07, 0.9, warmup_start=0.04, warmup_progress=0.3) == 0.07
     assert teacher_temperature(0.07, 0.0) == 0.07  # no warm-up
+
+
+def test_cosine_lr_ends_at_min_lr() -> None:
+    from hirl_ray.schedules import cosine_lr
+
+    assert cosine_lr(1.0, 100, 100, 10, min_lr=0.01) == pytest.approx(0.01)
+    assert cosine_lr(1.0, 10, 100, 10, min_lr=0.01) == pytest.approx(1.0)
+    mid = cosine_lr(1.0, 55, 100, 10, min_lr=0.2)
+    assert mid == pytest.approx(0.2 + 0.8 * 0.5)

@@ -97,6 +97,33 @@ class MultiView(MultiViewTransform):
         super().__init__([self.pipeline] * num_views)
 
 
+class MultiCrop(MultiViewTransform):
+    """Multi-crop (Caron et al. 2020, SwAV Sec. 3.2): global crops, then smaller local crops.
+
+    ``num_global`` views at ``global_size`` with crop area in ``global_scale``, then
+    ``num_local`` views at ``local_size`` with area in ``local_scale`` (SwAV: 2×224 px from
+    (0.14, 1) and 6×96 px from (0.05, 0.14); DINO: (0.4, 1) / (0.05, 0.4)), each with the
+    SimCLR colour augmentations (:func:`simclr_view`). Views come in that order, so the global
+    crops are ``views[:num_global]`` and each resolution is one backbone pass
+    (:func:`~hirl_ray.models.forward_by_resolution`).
+    """
+
+    def __init__(self, global_size: int, local_size: int, num_global: int = 2,
+                 num_local: int = 6, global_scale: tuple[float, float] = (0.14, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.14), strength: float = 1.0) -> None:
+        if num_global < 1 or num_local < 0:
+            raise ValueError(f"multi-crop needs >= 1 global and >= 0 local crops, got "
+                             f"{num_global} and {num_local}")
+        for name, (lo, hi) in (("global", global_scale), ("local", local_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"multi-crop {name} crop scale must satisfy 0 < min <= max "
+                                 f"<= 1, got ({lo}, {hi})")
+        self.num_global, self.num_local = num_global, num_local
+        g = simclr_view(global_size, strength, scale=tuple(global_scale))
+        local = simclr_view(local_size, strength, scale=tuple(local_scale)) if num_local else None
+        super().__init__([g] * num_global + [local] * num_local)
+
+
 class EvalTransform:
     """Deterministic transform for feature extraction (kNN, linear probe, clustering pass).
 
@@ -136,6 +163,15 @@ def multi_view_transform(image_size: int, num_views: int = 2, strength: float = 
         A picklable callable: image (uint8 tensor or PIL) -> list of float (3, S, S) tensors.
     """
     return MultiView(image_size, num_views, strength)
+
+
+def multi_crop_transform(global_size: int, local_size: int, num_global: int = 2,
+                         num_local: int = 6, global_scale: tuple[float, float] = (0.14, 1.0),
+                         local_scale: tuple[float, float] = (0.05, 0.14),
+                         strength: float = 1.0) -> MultiCrop:
+    """Global + local crops per image (:class:`MultiCrop`): ``num_global + num_local`` views."""
+    return MultiCrop(global_size, local_size, num_global, num_local, global_scale, local_scale,
+                     strength)
 
 
 def eval_transform(image_size: int) -> EvalTransform:

@@ -2,7 +2,8 @@
 
 A method is a module with a loss (``forward``) that also supplies what the training loop
 needs from it (protocol v2): its input views (:meth:`SSLMethod.transform`), its optimiser
-parameter groups (:meth:`SSLMethod.param_groups`), a hook between backward and the
+parameter groups (:meth:`SSLMethod.param_groups`), a hook before each step's forward that
+reads the schedules (:meth:`SSLMethod.on_step_start`), a hook between backward and the
 optimiser step (:meth:`SSLMethod.after_backward`) and the target-network update
 (:meth:`SSLMethod.update_target`).
 """
@@ -18,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hirl_ray.config import METHODS, MethodConfig, check_positive
+from hirl_ray.config import HIRL_EMBEDDINGS, METHODS, MethodConfig, check_positive
 from hirl_ray.data.transforms import MultiViewTransform, multi_view_transform
 from hirl_ray.models.backbones import build_backbone
 
 if TYPE_CHECKING:
     from hirl_ray.config import DataConfig, ExperimentConfig
 
-#: ``hirl.embedding`` choices (HIRL's ``train_emb``; ``vit_cls``/``vit_mean`` once ViTs exist).
-EMBEDDINGS = ("projection", "backbone")
+#: ``hirl.embedding`` choices (HIRL's ``train_emb``: ``projection`` is its ``cnn``).
+EMBEDDINGS = HIRL_EMBEDDINGS
 
 
 @dataclass
@@ -38,13 +39,18 @@ class MethodOutput:
         embedding: ``(B, feat_dim)`` online *backbone* features of ``views[0]``, with grad;
             HIRL's heads sit here with ``hirl.embedding=backbone``.
         projection: ``(B, proj_dim)`` online *projector* output of ``views[0]`` (before any
-            normalisation), with grad: the official HIRL ``inst_emb``, where its heads sit
-            (``hirl.embedding=projection``, HIRL Sec. 3.2).
+            normalisation), with grad: the official HIRL ``inst_emb`` (ViTs: of the ``[CLS]``
+            token, ``inst_cls_emb``), where its heads sit (``hirl.embedding=projection`` or
+            ``vit_cls``, HIRL Sec. 3.2).
+        projection_mean: ``(B, proj_dim)`` mean over the patch tokens of ``views[0]`` of their
+            projections (official ``inst_mean_emb``, ``hirl.embedding=vit_mean``); only methods
+            that project patch tokens (``"vit_mean" in embeddings``) fill it.
     """
 
     loss: Tensor
     embedding: Tensor
     projection: Tensor
+    projection_mean: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,10 @@ class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     #: The ``method:`` section's dataclass (registered with the class, see ``register_method``).
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: The ``hirl.embedding`` values this method produces (``vit_*`` also need a ViT backbone).
+    embeddings: ClassVar[tuple[str, ...]] = ("projection", "backbone", "vit_cls")
+    #: True when the method reads patch tokens (masking): the loader refuses CNN backbones.
+    needs_vit: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: Any) -> None:
         super().__init__()
@@ -121,6 +131,13 @@ class SSLMethod(nn.Module):
         ``lars_exclude: True`` (LARS skips adaptation and weight decay).
         """
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def on_step_start(self, step: int, epoch: int, progress: float) -> None:
+        """Hook before each training step's forward: read this step's schedules.
+
+        ``step`` is the global step, ``epoch`` 0-based, ``progress`` ∈ [0, 1) the fraction of
+        training done before this step (DINO's teacher temperature, masking start). No-op here.
+        """
 
     def after_backward(self, step: int, epoch: int) -> None:
         """Hook after backward, before the optimiser step (real, unscaled gradients under AMP).
@@ -158,6 +175,18 @@ class SSLMethod(nn.Module):
         _check_embedding(embedding)
         return self.feat_dim if embedding == "backbone" else self.cfg.proj_dim
 
+    def hirl_input(self, out: MethodOutput, embedding: str) -> Tensor:
+        """The tensor of ``out`` HIRL's heads read for ``hirl.embedding`` (with grad)."""
+        _check_embedding(embedding)
+        if embedding == "backbone":
+            return out.embedding
+        if embedding == "vit_mean":
+            if out.projection_mean is None:
+                raise ValueError(f"hirl.embedding=vit_mean: method {self.name} does not "
+                                 "project patch tokens; use vit_cls")
+            return out.projection_mean
+        return out.projection
+
     def clustering_encoder(self) -> tuple[nn.Module, nn.Module]:
         """The ``(backbone, projector)`` whose output is clustered (official ``forward_feature``).
 
@@ -168,12 +197,19 @@ class SSLMethod(nn.Module):
     def cluster_embed(self, x: Tensor, embedding: str = "projection") -> Tensor:
         """L2-normalised float32 clustering input ``(B, embedding_dim(embedding))``.
 
-        The projector output (``projection``) or the backbone output (``backbone``) of
-        :meth:`clustering_encoder`. As for :meth:`embed`, the caller picks ``eval()`` and
-        ``no_grad`` (official HIRL extracts in eval mode, on un-augmented images).
+        The projector output (``projection``, ``vit_cls``: of the ``[CLS]`` token), the backbone
+        output (``backbone``) or the mean over patch tokens of their projections (``vit_mean``,
+        the projector applied token-wise) of :meth:`clustering_encoder`. As for :meth:`embed`,
+        the caller picks ``eval()`` and ``no_grad`` (official HIRL extracts in eval mode, on
+        un-augmented images).
         """
         _check_embedding(embedding)
         backbone, projector = self.clustering_encoder()
+        if embedding == "vit_mean":
+            patches = backbone.tokens(x)[:, 1:]
+            b, n, d = patches.shape
+            z = projector(patches.reshape(b * n, d)).view(b, n, -1).mean(1)
+            return F.normalize(z.float(), dim=1)
         h = backbone(x)
         return F.normalize((h if embedding == "backbone" else projector(h)).float(), dim=1)
 

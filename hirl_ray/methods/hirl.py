@@ -44,7 +44,10 @@ class HirlModel(nn.Module):
 
     * ``projection`` (official): ``e`` is the projector output (MoCo v2: 128-d, SimSiam:
       2048-d) and the clustered features are the target's (else online) projector output;
-    * ``backbone``: ``e`` and the clustered features are backbone outputs (ResNet-50: 2048-d).
+    * ``backbone``: ``e`` and the clustered features are backbone outputs (ResNet-50: 2048-d);
+    * ``vit_cls`` (ViTs, official): the projection of the ``[CLS]`` token, as ``projection``;
+    * ``vit_mean`` (ViTs, methods that project patch tokens): the mean over patch tokens of
+      their projections.
 
     Cost, with ``d`` the embedding width and ``D`` the clustered width (here ``d = D``): each
     head is the official ``layers.MLP(d, [d, d], batch_norm=True)``, i.e. Linear(d, d, no bias)
@@ -56,7 +59,7 @@ class HirlModel(nn.Module):
         num_levels: Number of hierarchy levels (0 when HIRL is disabled: no heads).
         weight: λ, the weight of the semantic loss in the total (Eq. 7; official: 1).
         num_neg_paths: Negative paths sampled per sample for the path loss.
-        embedding: ``hirl.embedding``, ``"projection"`` or ``"backbone"``.
+        embedding: ``hirl.embedding`` (``projection``, ``backbone``, ``vit_cls``, ``vit_mean``).
         neg_average: ``hirl.neg_average``, ``"per_sample"`` (official) or ``"pooled"``.
     """
 
@@ -113,7 +116,7 @@ class HirlModel(nn.Module):
                     f"{len(self.heads)} heads; hirl.num_clusters changed since the "
                     "model was built"
                 )
-            e = out.projection if self.embedding == "projection" else out.embedding
+            e = self.method.hirl_input(out, self.embedding)
             z = [F.normalize(head(e), dim=1) for head in self.heads]
             semantic = semantic_path_loss(
                 z, index, hierarchy, self.num_neg_paths, generator, neg_average=self.neg_average
@@ -140,6 +143,10 @@ class HirlModel(nn.Module):
         groups = self.method.param_groups()
         heads = [p for p in self.heads.parameters() if p.requires_grad]
         return groups + [{"params": heads}] if heads else groups
+
+    def on_step_start(self, step: int, epoch: int, progress: float) -> None:
+        """Forward to the method's hook (before the step's forward)."""
+        self.method.on_step_start(step, epoch, progress)
 
     def after_backward(self, step: int, epoch: int) -> None:
         """Forward to the method's hook (after backward, before the optimiser step)."""

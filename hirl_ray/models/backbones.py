@@ -1,4 +1,8 @@
-"""Backbones: ``(B, 3, H, W)`` images → ``(B, feat_dim)`` globally pooled features."""
+"""Backbones: ``(B, 3, H, W)`` images → ``(B, feat_dim)`` features.
+
+CNNs give globally pooled features; ViTs (``vit_*``, :mod:`hirl_ray.models.vit`) the ``[CLS]``
+output and, through ``tokens()``, every patch token.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torchvision
 from torch import Tensor, nn
 
 from hirl_ray.config import BACKBONES, ConfigError, ModelConfig
+from hirl_ray.models.vit import vit_b_16, vit_tiny
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
@@ -79,7 +84,21 @@ def register_backbone(name: str, builder) -> None:
     BACKBONES.register(name, builder)
 
 
+def _vit_tiny(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
+    net = vit_tiny(image_size, cfg.patch_size, cfg.drop_path)
+    return net, net.embed_dim
+
+
+def _vit_b_16(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
+    if cfg.patch_size not in (None, 16):
+        raise ConfigError(f"model.patch_size must be 16 or null for vit_b_16, got {cfg.patch_size}")
+    net = vit_b_16(image_size, cfg.drop_path)
+    return net, net.embed_dim
+
+
 register_backbone("small_cnn", _small_cnn)
+register_backbone("vit_tiny", _vit_tiny)
+register_backbone("vit_b_16", _vit_b_16)
 for _name in ("resnet18", "resnet50"):
     register_backbone(_name, lambda cfg, size, _n=_name: _resnet(_n, cfg.small_stem or size <= 64))
 

@@ -110,7 +110,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 generator: torch.Generator | None = None,
                 max_steps: int | None = None, poll_every: int = 1,
                 weight_decay: tuple[float, float | None] | None = None,
-                guard: NanGuard | None = None) -> tuple[EpochStats, int]:
+                guard: NanGuard | None = None, min_lr: float = 0.0) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
@@ -119,13 +119,14 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     pending a poll is a cross-rank agreement whose result the host must read, so polling every
     step would stall a GPU's queue of work each step; a new hierarchy can wait a few steps.
 
-    Each step (DINO's ``train_one_epoch`` order): schedules → forward → backward → (AMP:
+    Each step (DINO's ``train_one_epoch`` order): schedules (and the method's
+    ``on_step_start(step, epoch, progress)`` hook) → forward → backward → (AMP:
     unscale) → ``after_backward(step, epoch)`` hook → optimiser step → ``update_target``.
     The learning rate of every group follows :func:`~hirl_ray.schedules.cosine_lr` (times its
-    ``lr_scale``; ``fixed_lr`` groups keep ``base_lr``). ``weight_decay``:
-    ``(train.weight_decay, train.weight_decay_end)``; with an end value the groups without
-    their own weight decay follow a cosine between the two; ``None`` or no end value leaves
-    every group's weight decay as built.
+    ``lr_scale``; ``fixed_lr`` groups keep ``base_lr``), down to ``min_lr`` at the end.
+    ``weight_decay``: ``(train.weight_decay, train.weight_decay_end)``; with an end value the
+    groups without their own weight decay follow a cosine between the two; ``None`` or no end
+    value leaves every group's weight decay as built.
 
     ``guard`` (:class:`~hirl_ray.train.numerics.NanGuard`, default: ``train.on_nan=stop`` without
     clipping) flags non-finite steps on the device, clips the gradients after AMP's unscale
@@ -151,7 +152,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if step % poll_every == 0:
             hierarchy.poll()
         h = hierarchy.current
-        lr = cosine_lr(base_lr, step, total_steps, warmup_steps)
+        lr = cosine_lr(base_lr, step, total_steps, warmup_steps, min_lr)
         wd = None
         if weight_decay is not None and weight_decay[1] is not None:
             wd = weight_decay_schedule(weight_decay[0], weight_decay[1], step / total_steps)
@@ -161,6 +162,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if step == nan_step:
             views[0] = torch.full_like(views[0], float("nan"))
         guard.before_forward()
+        if hasattr(inner, "on_step_start"):
+            inner.on_step_start(step, epoch, step / total_steps)
         with torch.autocast(device.type, enabled=use_amp):
             out = model(views, index, h, generator)
         optimizer.zero_grad(set_to_none=True)

@@ -156,7 +156,7 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
                        hierarchy=run.hierarchy, device=run.device, scaler=run.scaler,
                        generator=run.generator, poll_every=HIERARCHY_POLL_EVERY,
                        weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
-                       guard=run.guard)
+                       guard=run.guard, min_lr=cfg.train.min_lr)
 
 
 def bad_files_skipped(dataset: Any, device: torch.device) -> int:
