@@ -2,7 +2,7 @@
 
 Used by Ray's cluster launcher, which copies this file to the head node and runs it there:
 
-    ray submit clusters/aws.yaml clusters/submit.py fit experiments/imagenet_hirl_mocov2.yaml \
+    ray submit clusters/aws.yaml clusters/submit.py fit experiments/paper/hirl_mocov2_resnet50.yaml \
         storage.path=s3://YOUR-BUCKET/hirl
 
 It connects to the cluster (``RAY_ADDRESS``, default ``auto``), so the Ray Train workers and

@@ -29,8 +29,8 @@ def test_hirl_defaults_are_the_official_choices():
     hirl = load_config(None).hirl
     assert (hirl.embedding, hirl.kmeans_init, hirl.neg_average) == (
         "projection", "random", "per_sample")
-    for name in ("imagenet_hirl_mocov2", "imagenet_hirl_simsiam"):
-        cfg = load_config(ROOT / "experiments" / f"{name}.yaml")
+    for name in ("hirl_mocov2_resnet50", "hirl_simsiam_resnet50"):
+        cfg = load_config(ROOT / "experiments" / "paper" / f"{name}.yaml")
         assert (cfg.hirl.embedding, cfg.hirl.kmeans_init, cfg.hirl.neg_average) == (
             "projection", "random", "per_sample")
         assert cfg.hirl.weight == 1.0 and cfg.hirl.rebuild_every_epochs == 1

@@ -7,7 +7,7 @@
     python -m experiments.evidence.run --data npz --name fashion_mnist \
         data.root=data/fashion_mnist data.image_size=28
 
-Each (method, seed) pair trains twice from the method's preset (``experiments/methods/<m>.yaml``)
+Each (method, seed) pair trains twice from the method's preset (``experiments/small/<m>.yaml``)
 with every setting equal except ``hirl.enabled``: same epochs, batch, lr, data order and
 evaluation (kNN, k-means NMI/ARI/ACC/FM per label level, linear probe picked on a validation split
 of train). Finished runs are kept and skipped when the command runs again. Results: one JSON per
@@ -48,7 +48,7 @@ def run_one(method: str, seed: int, hirl: bool, name: str, epochs: int | None,
                  f"eval.protocols={json.dumps(PROTOCOLS)}",
                  f"storage.path={folder.parent}", f"storage.name={folder.name}",
                  *([f"train.epochs={epochs}"] if epochs else []), *extra]
-    preset = REPO / "experiments" / "methods" / f"{method}.yaml"
+    preset = REPO / "experiments" / "small" / f"{method}.yaml"
     return dict(hirl_ray.fit(preset, overrides).metrics)
 
 

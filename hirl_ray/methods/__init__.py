@@ -2,7 +2,7 @@
 
 A method is one file here: its class (``@register_method``) with its ``Config`` dataclass next
 to it, its views (``transform``), parameter groups and step hooks; plus a preset experiment
-``experiments/methods/<name>.yaml``. Importing this package imports every module in it, which
+``experiments/small/<name>.yaml``. Importing this package imports every module in it, which
 registers the built-in methods in ``hirl_ray.config.METHODS``; the imports below only re-export.
 """
 
