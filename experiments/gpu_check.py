@@ -2,8 +2,9 @@
 
 Checks (each prints one line and goes into ``experiments/bench/results/gpu_check.json``):
 
-1. ``amp_steps`` — a few AMP (fp16 autocast + GradScaler) training steps of every method with the
-   semantic-path loss on, on CUDA: finite losses, steps/s.
+1. ``amp_steps`` — a few AMP (fp16 autocast + GradScaler) training steps of every method (its
+   ``experiments/small`` preset and views) with the semantic-path loss on, on CUDA: finite
+   losses, steps/s.
 2. ``path_loss`` — the semantic-path loss on CUDA under autocast against a float64 re-statement of
    HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
 3. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
@@ -35,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "gpu_check.jso
 
 
 def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
-    """A few AMP steps per method with HIRL on; every loss finite."""
+    """A few AMP steps per method (its small preset, its own views) with HIRL on; losses finite."""
     from hirl_ray.config import load_config
     from hirl_ray.hierarchy import fit_hierarchy
     from hirl_ray.methods import METHODS
@@ -44,19 +45,22 @@ def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
     from hirl_ray.train.optim import build_optimizer
 
     steps, batch = (2, 16) if quick else (10, 128)
+    presets = Path(__file__).resolve().parent / "small"
     out: dict[str, Any] = {}
     for name in METHODS:
+        preset = presets / f"{name}.yaml"
+        if not preset.is_file():  # a method registered outside the library
+            continue
         torch.manual_seed(0)
-        cfg = load_config(None, {"method.name": name, "hirl.num_clusters": [32, 8, 2],
-                                 "hirl.num_neg_paths": 64})
+        cfg = load_config(preset, {"hirl.num_clusters": [32, 8, 2], "hirl.num_neg_paths": 64})
         model = HirlModel.from_config(cfg).to(device)
         with torch.no_grad():  # a hierarchy in the space the heads project to
             z = model.heads[0](torch.randn(256, _head_in_dim(model), device=device)).float()
         h = fit_hierarchy(z.cpu(), [32, 8, 2], nredo=1, niter=5).to(device)
-        n = steps * batch
-        views = torch.randn(n, 3, 32, 32)
-        batches = [([views[i:i + batch], views[i:i + batch].flip(-1)],
-                    torch.arange(i, i + batch) % 256) for i in range(0, n, batch)]
+        transform = model.method.transform(cfg.data)
+        images = (torch.rand(batch, 3, 40, 40) * 255).to(torch.uint8)
+        views = [torch.stack(v) for v in zip(*[transform(im) for im in images], strict=True)]
+        batches = [(views, torch.arange(i * batch, (i + 1) * batch) % 256) for i in range(steps)]
         opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.03))
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         start = time.perf_counter()
@@ -68,7 +72,8 @@ def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         finite = all(math.isfinite(v) for v in (stats.loss, stats.semantic_loss or 0.0))
         out[name] = {"loss": stats.loss, "semantic_loss": stats.semantic_loss,
-                     "steps_per_s": steps / seconds, "finite": finite}
+                     "steps_per_s": steps / seconds, "finite": finite,
+                     "backbone": cfg.model.backbone, "views": len(views)}
     return {"ok": all(v["finite"] and v["semantic_loss"] is not None for v in out.values()),
             "methods": out}
 

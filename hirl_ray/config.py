@@ -258,6 +258,9 @@ class HirlConfig:
     # per_sample: mean over each sample's true negatives, then over the batch (official);
     # pooled: one mean over all true negatives of the batch.
     neg_average: str = "per_sample"
+    # Each step re-assigns its samples to the level-0 prototype nearest to their second view's
+    # clustering features (official HIRL-SwAV: true; the other official configs: false).
+    iter_wise_assignment: bool = False
 
     def check(self, where: str) -> None:
         check_positive(self, where, "kmeans_iters", "kmeans_nredo", "max_points_per_centroid",

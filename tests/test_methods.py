@@ -401,3 +401,20 @@ def test_wrong_number_of_views_names_the_transform(name: str, batch) -> None:
     views, _ = batch
     with pytest.raises(ValueError, match=r"expects 2 views per image, got 3; its transform"):
         make_method(name)([*views, views[0]])
+
+
+def test_iter_wise_assignment_uses_the_nearest_leaf_of_the_second_view(batch, hierarchy) -> None:
+    """Official HIRL-SwAV: each step re-assigns its samples to their nearest level-0 prototype."""
+    views, index = batch
+    model = make_model("simclr").eval()
+    model.iter_wise_assignment = True
+    with torch.no_grad():
+        feats = model.method.cluster_embed(views[1], "projection")
+        leaf = (feats @ F.normalize(hierarchy.centroids[0], dim=1).T).argmax(1)
+        out = model(views, index, hierarchy, torch.Generator().manual_seed(7))
+        z = [F.normalize(head(model.method(views).projection), dim=1) for head in model.heads]
+        expected = semantic_path_loss(z, index, hierarchy, 20, torch.Generator().manual_seed(7),
+                                      leaf=leaf)
+        stored = semantic_path_loss(z, index, hierarchy, 20, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out.semantic_loss, expected)
+    assert not torch.allclose(out.semantic_loss, stored)

@@ -323,3 +323,25 @@ def test_sampled_cosines_ignore_whatever_memory_they_are_given(monkeypatch):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(t.grad).all() for t in z)
     torch.testing.assert_close(loss.detach(), clean.detach())
+
+
+def test_leaf_replaces_the_stored_path_with_its_parents():
+    """iter_wise_assignment: a given level-0 cluster acts as if the samples were assigned to it."""
+    import dataclasses
+
+    h = random_hierarchy([12, 6, 3], 8, 40, seed=3)
+    z = random_z(h, 10, seed=3)
+    index = torch.arange(10, 20)
+    leaf = torch.randint(12, (10,), generator=torch.Generator().manual_seed(9))
+    reassigned = [h.assignments[0].clone()]
+    reassigned[0][index] = leaf
+    for p in h.parents:
+        reassigned.append(p[reassigned[-1]])
+    moved = dataclasses.replace(h, assignments=tuple(reassigned))
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    expected = semantic_path_loss_reference(z, index, moved, 20, g())
+    got = semantic_path_loss(z, index, h, 20, g(), leaf=leaf)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, semantic_path_loss(z, index, h, 20, g()))
+    with pytest.raises(ValueError, match="leaf has shape"):
+        semantic_path_loss(z, index, h, 20, leaf=leaf[:3])

@@ -189,6 +189,7 @@ def semantic_path_loss(
     generator: torch.Generator | None = None,
     eps: float = 1e-6,
     neg_average: str = "per_sample",
+    leaf: Tensor | None = None,
 ) -> Tensor:
     """Semantic path discrimination (HIRL Eq. 4-6), batched.
 
@@ -211,14 +212,21 @@ def semantic_path_loss(
         generator: Random source for the negatives (see :func:`sample_negative_paths`).
         eps: Keeps the logs finite (official value 1e-6).
         neg_average: ``"per_sample"`` (official) or ``"pooled"``, see the module docstring.
+        leaf: Optional ``(B,)`` level-0 clusters that replace the samples' stored ones; the
+            positive path is then the leaf's chain of parents (official
+            ``iter_wise_assignment``: each step re-assigns its batch to the nearest level-0
+            prototype). ``None``: ``h.assignments`` at ``index``.
 
     Returns:
         Scalar loss.
     """
     _check(z, index, h, num_neg_paths, neg_average)
+    if leaf is not None and leaf.shape != index.shape:
+        raise ValueError(f"semantic_path_loss leaf has shape {tuple(leaf.shape)}, expected "
+                         f"{tuple(index.shape)}: one level-0 cluster per sample")
     with torch.autocast(z[0].device.type, enabled=False):
         return _semantic_path_loss_fp32(
-            [zl.float() for zl in z], index, h, num_neg_paths, generator, eps, neg_average
+            [zl.float() for zl in z], index, h, num_neg_paths, generator, eps, neg_average, leaf
         )
 
 
@@ -242,11 +250,16 @@ def _semantic_path_loss_fp32(
     generator: torch.Generator | None,
     eps: float,
     neg_average: str,
+    leaf: Tensor | None = None,
 ) -> Tensor:
     device = z[0].device
     batch = z[0].shape[0]
-    rows = index.to(h.assignments[0].device, torch.long)
-    positive = [a[rows].to(device) for a in h.assignments]  # (B,) node per level
+    if leaf is None:
+        rows = index.to(h.assignments[0].device, torch.long)
+        positive = [a[rows].to(device) for a in h.assignments]  # (B,) node per level
+    else:
+        leaf = leaf.to(h.parents[0].device if h.parents else device, torch.long)
+        positive = [up[leaf].to(device) for up in h.ancestors()]
     neg_start, ancestors = None, h.ancestors() if num_neg_paths > 0 else ()
     if num_neg_paths > 0:
         neg_start = sample_negative_paths(h, batch, num_neg_paths, generator, device)

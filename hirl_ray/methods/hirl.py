@@ -61,6 +61,9 @@ class HirlModel(nn.Module):
         num_neg_paths: Negative paths sampled per sample for the path loss.
         embedding: ``hirl.embedding`` (``projection``, ``backbone``, ``vit_cls``, ``vit_mean``).
         neg_average: ``hirl.neg_average``, ``"per_sample"`` (official) or ``"pooled"``.
+        iter_wise_assignment: ``hirl.iter_wise_assignment``: each step re-assigns its samples
+            to the level-0 prototype nearest to the clustering features of ``views[1]``
+            (official HIRL-SwAV); the positive path follows that prototype's parents.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class HirlModel(nn.Module):
         num_neg_paths: int = 100,
         embedding: str = "projection",
         neg_average: str = "per_sample",
+        iter_wise_assignment: bool = False,
     ) -> None:
         super().__init__()
         if num_levels < 0:
@@ -82,6 +86,7 @@ class HirlModel(nn.Module):
         self.weight = float(weight)
         self.num_neg_paths = int(num_neg_paths)
         self.neg_average = neg_average
+        self.iter_wise_assignment = iter_wise_assignment
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HirlModel:
@@ -89,7 +94,7 @@ class HirlModel(nn.Module):
         h = cfg.hirl
         levels = len(h.num_clusters) if h.enabled else 0
         return cls(build_method(cfg), levels, h.weight, h.num_neg_paths, h.embedding,
-                   h.neg_average)
+                   h.neg_average, h.iter_wise_assignment)
 
     def forward(
         self,
@@ -118,8 +123,10 @@ class HirlModel(nn.Module):
                 )
             e = self.method.hirl_input(out, self.embedding)
             z = [F.normalize(head(e), dim=1) for head in self.heads]
+            leaf = self.nearest_leaf(views[1], hierarchy) if self.iter_wise_assignment else None
             semantic = semantic_path_loss(
-                z, index, hierarchy, self.num_neg_paths, generator, neg_average=self.neg_average
+                z, index, hierarchy, self.num_neg_paths, generator, neg_average=self.neg_average,
+                leaf=leaf,
             )
             loss = loss + self.weight * semantic
         elif len(self.heads) > 0:
@@ -133,6 +140,17 @@ class HirlModel(nn.Module):
             method_loss=out.loss.detach(),
             semantic_loss=None if semantic is None else semantic.detach(),
         )
+
+    @torch.no_grad()
+    def nearest_leaf(self, x: Tensor, hierarchy: PrototypeHierarchy) -> Tensor:
+        """``(B,)`` level-0 prototype nearest (cosine) to the clustering features of ``x``.
+
+        Official ``iter_wise_assignment`` (``runners/pretrain/hirl.py``): ``forward_feature`` of
+        the second view in the current (training) mode, argmax over the level-0 centroids.
+        """
+        feats = self.method.cluster_embed(x, self.embedding)
+        centroids = F.normalize(hierarchy.centroids[0].to(feats.device, torch.float32), dim=1)
+        return (feats.float() @ centroids.T).argmax(dim=1)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The method's parameter groups, plus one group of the HIRL heads (when any).
