@@ -261,10 +261,12 @@ class HirlConfig:
     # Each step re-assigns its samples to the level-0 prototype nearest to their second view's
     # clustering features (official HIRL-SwAV: true; the other official configs: false).
     iter_wise_assignment: bool = False
+    # Linear layers of each level's head (official ``num_mlp_layer``: 2; HIRL-MoCo v3: 5).
+    head_layers: int = 2
 
     def check(self, where: str) -> None:
         check_positive(self, where, "kmeans_iters", "kmeans_nredo", "max_points_per_centroid",
-                       "rebuild_every_epochs")
+                       "rebuild_every_epochs", "head_layers")
         check_positive(self, where, "warmup_epochs", "num_neg_paths", "weight", "actor_num_cpus",
                        "actor_num_gpus", strict=False)
         check_choice(f"{where}.embedding", self.embedding, HIRL_EMBEDDINGS)

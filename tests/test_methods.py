@@ -418,3 +418,12 @@ def test_iter_wise_assignment_uses_the_nearest_leaf_of_the_second_view(batch, hi
         stored = semantic_path_loss(z, index, hierarchy, 20, torch.Generator().manual_seed(7))
     torch.testing.assert_close(out.semantic_loss, expected)
     assert not torch.allclose(out.semantic_loss, stored)
+
+
+def test_head_layers_sets_the_depth_of_every_level_head() -> None:
+    cfg = load_config(None, {"hirl.head_layers": 5, "model.width": WIDTH})
+    model = HirlModel.from_config(cfg)
+    for head in model.heads:
+        assert sum(isinstance(m, torch.nn.Linear) for m in head.modules()) == 5
+    default = HirlModel.from_config(load_config(None, {"model.width": WIDTH}))
+    assert sum(isinstance(m, torch.nn.Linear) for m in default.heads[0].modules()) == 2

@@ -64,6 +64,7 @@ class HirlModel(nn.Module):
         iter_wise_assignment: ``hirl.iter_wise_assignment``: each step re-assigns its samples
             to the level-0 prototype nearest to the clustering features of ``views[1]``
             (official HIRL-SwAV); the positive path follows that prototype's parents.
+        head_layers: ``hirl.head_layers``, Linear layers per head (official ``num_mlp_layer``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class HirlModel(nn.Module):
         embedding: str = "projection",
         neg_average: str = "per_sample",
         iter_wise_assignment: bool = False,
+        head_layers: int = 2,
     ) -> None:
         super().__init__()
         if num_levels < 0:
@@ -82,7 +84,7 @@ class HirlModel(nn.Module):
         self.method = method
         self.embedding = embedding
         d = method.embedding_dim(embedding)
-        self.heads = nn.ModuleList(mlp(d, d, d) for _ in range(num_levels))
+        self.heads = nn.ModuleList(mlp(d, d, d, num_layers=head_layers) for _ in range(num_levels))
         self.weight = float(weight)
         self.num_neg_paths = int(num_neg_paths)
         self.neg_average = neg_average
@@ -94,7 +96,7 @@ class HirlModel(nn.Module):
         h = cfg.hirl
         levels = len(h.num_clusters) if h.enabled else 0
         return cls(build_method(cfg), levels, h.weight, h.num_neg_paths, h.embedding,
-                   h.neg_average, h.iter_wise_assignment)
+                   h.neg_average, h.iter_wise_assignment, h.head_layers)
 
     def forward(
         self,
