@@ -50,13 +50,6 @@ def test_broken_aws_yaml_is_rejected():
         _launcher_validate(config)
 
 
-@pytest.mark.parametrize("name", ["hirl_mocov2_resnet50.yaml", "hirl_simsiam_resnet50.yaml"])
-def test_paper_configs_load(name):
-    cfg = load_config(ROOT / "experiments" / "paper" / name)
-    assert cfg.hirl.num_clusters == (30000, 10000, 1000)
-    assert cfg.model.backbone == "resnet50" and cfg.train.use_gpu
-
-
 def test_kuberay_job_runs_an_existing_experiment():
     job = yaml.safe_load((ROOT / "clusters" / "kuberay-rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
