@@ -66,7 +66,7 @@ def test_cluster_embed_uses_the_target_network_where_one_exists(name, embedding,
     has_target = CLUSTERED[name][0] != "backbone"
     assert torch.allclose(feats, F.normalize(online, dim=1), atol=1e-4) != has_target
     with pytest.raises(ValueError, match="hirl.embedding must be one of"):
-        method.cluster_embed(views[0], "vit_cls")
+        method.cluster_embed(views[0], "cnn")
 
 
 @pytest.mark.parametrize(("embedding", "dim"), [("projection", PROJ_DIM), ("backbone", FEAT_DIM)])
