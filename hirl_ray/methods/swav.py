@@ -107,11 +107,15 @@ class SwAV(SSLMethod):
         self._epoch = 0
 
     def transform(self, data_cfg: DataConfig) -> MultiCrop:
-        """2 global + ``num_local_crops`` local crops with the configured sizes and scales."""
+        """2 global + ``num_local_crops`` local crops with the configured sizes and scales.
+
+        Colour jitter at SwAV's strength (0.8, 0.8, 0.8, 0.2; official HIRL
+        ``MultiCropsTransform`` with ``color_scale`` 1), twice the MoCo v2 default here.
+        """
         c = self.cfg
         return multi_crop_transform(c.crop_sizes[0], c.crop_sizes[1], 2, c.num_local_crops,
                                     (c.min_scale_crops[0], c.max_scale_crops[0]),
-                                    (c.min_scale_crops[1], c.max_scale_crops[1]))
+                                    (c.min_scale_crops[1], c.max_scale_crops[1]), strength=2.0)
 
     def on_step_start(self, step: int, epoch: int, progress: float) -> None:
         """Remember the epoch: the queue fills from ``queue_start_epochs`` on."""
