@@ -133,6 +133,7 @@ class SwAV(SSLMethod):
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
+    @torch.no_grad()
     def _codes(self, scores: Tensor, crop: int, distributed: bool, use_queue: bool) -> Tensor:
         """Sinkhorn codes of this rank's ``scores`` of global crop ``crop`` (queue prepended)."""
         n = scores.shape[0]
