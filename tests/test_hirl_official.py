@@ -18,12 +18,13 @@ from tests.test_methods import BATCH, BUILTIN, FEAT_DIM, LEVELS, PROJ_DIM, make_
 torch.set_num_threads(1)
 
 #: The network each method clusters (official ``forward_feature``): MoCo's key encoder, BYOL's
-#: target; SimCLR and SimSiam have none and cluster the online encoder.
+#: target; SimCLR, SimSiam and SwAV have none and cluster the online encoder.
 CLUSTERED = {
     "simclr": ("backbone", "projector"),
     "simsiam": ("backbone", "projector"),
     "mocov2": ("key_backbone", "key_projector"),
     "byol": ("target_backbone", "target_projector"),
+    "swav": ("backbone", "projector"),  # official HIRL-SwAV forward_feature: self.encoder
 }
 
 

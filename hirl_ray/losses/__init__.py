@@ -8,6 +8,7 @@ from hirl_ray.losses.info_nce import info_nce_loss
 from hirl_ray.losses.nt_xent import nt_xent_loss
 from hirl_ray.losses.regression import byol_loss, negative_cosine_loss
 from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
+from hirl_ray.losses.swav import sinkhorn, swav_loss
 
 __all__ = [
     "byol_loss",
@@ -16,4 +17,6 @@ __all__ = [
     "nt_xent_loss",
     "sample_negative_paths",
     "semantic_path_loss",
+    "sinkhorn",
+    "swav_loss",
 ]

@@ -25,6 +25,7 @@ from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
 from hirl_ray.methods.simsiam import SimSiam, SimSiamConfig
+from hirl_ray.methods.swav import SwAV, SwAVConfig
 
 
 def _import_every_module() -> None:
@@ -51,6 +52,8 @@ __all__ = [
     "SimSiam",
     "SimSiamConfig",
     "StepOutput",
+    "SwAV",
+    "SwAVConfig",
     "build_method",
     "register_method",
     "split_weight_decay",
