@@ -32,7 +32,7 @@ from hirl_ray.models import build_backbone
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
 CASES = (("simclr", True), ("mocov2", True), ("mocov2", False),  # (method, sync_bn)
-         ("swav", True))
+         ("swav", True), ("mocov3", True))
 
 
 def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
@@ -161,7 +161,7 @@ def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav", "mocov3"])
 def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
     torch.set_num_threads(1)
     check_equal_to_one_worker(name, two_ranks)
@@ -173,7 +173,7 @@ def test_two_workers_equal_one_worker_on_cuda(tmp_path) -> None:
     the gathers on CUDA tensors (NCCL would need one GPU per rank)."""
     torch.backends.cudnn.allow_tf32 = False
     results = spawn_two_ranks(tmp_path, "cuda")
-    for name in ("simclr", "mocov2", "swav"):
+    for name in ("simclr", "mocov2", "swav", "mocov3"):
         check_equal_to_one_worker(name, results, "cuda")
     q = [res["mocov2-False"]["queue"][0] for res in results]
     assert torch.equal(q[0], q[1])  # shuffle-BN on CUDA: the queues still agree

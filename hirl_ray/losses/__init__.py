@@ -5,6 +5,7 @@ cross-rank gathering themselves.
 """
 
 from hirl_ray.losses.info_nce import info_nce_loss
+from hirl_ray.losses.mocov3 import mocov3_contrastive_loss
 from hirl_ray.losses.nt_xent import nt_xent_loss
 from hirl_ray.losses.regression import byol_loss, negative_cosine_loss
 from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_loss
@@ -13,6 +14,7 @@ from hirl_ray.losses.swav import sinkhorn, swav_loss
 __all__ = [
     "byol_loss",
     "info_nce_loss",
+    "mocov3_contrastive_loss",
     "negative_cosine_loss",
     "nt_xent_loss",
     "sample_negative_paths",

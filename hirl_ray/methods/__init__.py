@@ -23,6 +23,7 @@ from hirl_ray.methods.base import (
 from hirl_ray.methods.byol import BYOL, BYOLConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
+from hirl_ray.methods.mocov3 import MoCoV3, MoCoV3Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
 from hirl_ray.methods.simsiam import SimSiam, SimSiamConfig
 from hirl_ray.methods.swav import SwAV, SwAVConfig
@@ -45,6 +46,8 @@ __all__ = [
     "MethodOutput",
     "MoCoV2",
     "MoCoV2Config",
+    "MoCoV3",
+    "MoCoV3Config",
     "ProjectorConfig",
     "SSLMethod",
     "SimCLR",
