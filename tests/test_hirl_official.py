@@ -25,6 +25,7 @@ CLUSTERED = {
     "mocov2": ("key_backbone", "key_projector"),
     "byol": ("target_backbone", "target_projector"),
     "swav": ("backbone", "projector"),  # official HIRL-SwAV forward_feature: self.encoder
+    "mocov3": ("key_backbone", "key_projector"),  # official forward_feature: encoder_k
 }
 
 
