@@ -30,7 +30,7 @@ from hirl_ray.methods.distributed import (
 )
 from hirl_ray.models.heads import mlp
 from hirl_ray.models.masking import random_block_masks
-from hirl_ray.models.tokenizers import KMeansTokenizer, TorchScriptTokenizer, patchify
+from hirl_ray.models.tokenizers import FileTokenizer, KMeansTokenizer, patchify
 from hirl_ray.models.vit import auto_patch_size
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class BEiTConfig(ProjectorConfig):
     proj_layers: int = 0
     num_tokens: int = 256           # visual-token vocabulary (DALL-E's dVAE: 8192)
     tokenizer: str = "kmeans"       # kmeans: fitted on the first batch; dvae: tokenizer_path
-    tokenizer_path: str = ""        # dvae: TorchScript file (local path or s3://...), README
+    tokenizer_path: str = ""        # dvae: torch.export/TorchScript file (path or s3://), README
     tokenizer_stride: int = 8       # dvae: input pixels per token (DALL-E: 8, 112 px -> 14x14)
     mask_ratio: float = 0.4         # fraction of patches masked, in blocks (BEiT: 40%)
     kmeans_iters: int = 20          # kmeans: Lloyd iterations of the codebook fit
@@ -76,10 +76,10 @@ class BEiTConfig(ProjectorConfig):
         path = self.tokenizer_path
         if not path:
             raise ConfigError(f"{where}.tokenizer_path is required with {where}.tokenizer=dvae; "
-                              "export the dVAE encoder to TorchScript (README \"BEiT\")")
+                              "export the dVAE encoder as README \"BEiT\" shows")
         if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
             raise ConfigError(f"{where}.tokenizer_path: file {path} not found; export the dVAE "
-                              "encoder to TorchScript (README \"BEiT\") and give its path")
+                              "encoder (README \"BEiT\") and give its path")
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         """The kmeans tokenizer fits on the first global batch: it must hold num_tokens patches."""
@@ -99,7 +99,7 @@ def beit_view(image_size: int) -> v2.Compose:
     """BEiT's one view: colour jitter (0.4, 0.4, 0.4), flip, random resized crop (0.08–1).
 
     Official ``DataAugmentationBEiT`` (jitter always applied); the dVAE's smaller image of the
-    same crop is made from this view in :class:`~hirl_ray.models.tokenizers.TorchScriptTokenizer`.
+    same crop is made from this view in :class:`~hirl_ray.models.tokenizers.FileTokenizer`.
     """
     return v2.Compose([
         v2.ColorJitter(0.4, 0.4, 0.4),
@@ -144,7 +144,7 @@ class BEiT(SSLMethod):
         nn.init.zeros_(self.head.bias)
         self.tokenizer: nn.Module
         if cfg.tokenizer == "dvae":
-            self.tokenizer = TorchScriptTokenizer.load(cfg.tokenizer_path, cfg.num_tokens,
+            self.tokenizer = FileTokenizer.load(cfg.tokenizer_path, cfg.num_tokens,
                                                        cfg.tokenizer_stride)
         else:
             self.tokenizer = KMeansTokenizer(cfg.num_tokens, backbone.patch_size)

@@ -7,7 +7,7 @@ image tokenizer assigns to the *unmasked* image: DALL-E's discrete VAE (8192 tok
 * :class:`KMeansTokenizer` — a codebook the project trains itself: k-means (faiss) over the raw
   pixel patches (``patch_size² × 3`` values of the normalised view) of training images; a
   patch's token is its nearest codebook entry. No download, fits in a second on CPU.
-* :class:`TorchScriptTokenizer` — a pre-trained tokenizer from a file: a TorchScript module
+* :class:`FileTokenizer` — a pre-trained tokenizer from a file (``torch.export`` or TorchScript)
   mapping RGB images in ``[0, 1]`` ``(B, 3, H, W)`` to logits ``(B, num_tokens, h, w)``
   (token = argmax over the logits, as the official ``DiscreteVAE.get_codebook_indices``). README
   "BEiT" shows how to export DALL-E's encoder to this format once, where it can be downloaded.
@@ -16,6 +16,7 @@ image tokenizer assigns to the *unmasked* image: DALL-E's discrete VAE (8192 tok
 from __future__ import annotations
 
 import io
+import zipfile
 
 import faiss
 import torch
@@ -88,40 +89,54 @@ class KMeansTokenizer(nn.Module):
             return self.ids(patchify(x.float(), self.patch_size))
 
 
-class TorchScriptTokenizer(nn.Module):
-    """A pre-trained tokenizer file (TorchScript): ``[0, 1]`` RGB ``(B, 3, H, W)`` → logits.
+class FileTokenizer(nn.Module):
+    """A pre-trained tokenizer file: ``[0, 1]`` RGB ``(B, 3, H, W)`` → logits ``(B, K, h, w)``.
 
-    The view (normalised with ImageNet statistics) is mapped back to ``[0, 1]`` and resized to
+    The file is a ``torch.export`` program (``torch.export.save``, batch dimension dynamic) or
+    a TorchScript module (``torch.jit.save``); nothing else is needed to run it. The view
+    (normalised with ImageNet statistics) is mapped back to ``[0, 1]`` and resized to
     ``grid · stride`` pixels per side (BEiT: the 224-px crop resized to 112 px for the dVAE,
     whose 8× downsampling gives ViT-B/16's 14×14 grid), as the official second, smaller image
-    of the same crop. The module's weights are frozen and not trained.
+    of the same crop. The network is frozen and kept out of the module tree: DDP and the
+    optimiser never see it and checkpoints stay small (the file is reloaded on resume).
 
     Args:
-        module: The loaded TorchScript module.
+        net: The loaded tokenizer network.
         num_tokens: Expected number of logit channels.
-        stride: Input pixels per output token of ``module`` (DALL-E's encoder: 8).
+        stride: Input pixels per output token of ``net`` (DALL-E's encoder: 8).
     """
 
-    def __init__(self, module: nn.Module, num_tokens: int, stride: int) -> None:
+    def __init__(self, net: nn.Module, num_tokens: int, stride: int) -> None:
         super().__init__()
-        self.net = module.eval()
-        self.net.requires_grad_(False)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self._net = [net]  # a list: not a submodule (see above)
+        self._device = torch.device("cpu")
         self.num_tokens = num_tokens
         self.stride = stride
 
     @classmethod
-    def load(cls, path: str, num_tokens: int, stride: int) -> TorchScriptTokenizer:
+    def load(cls, path: str, num_tokens: int, stride: int) -> FileTokenizer:
         """Load ``path`` (a local path or a remote URI, read through :mod:`hirl_ray.storage`)."""
         from hirl_ray import storage
 
-        module = torch.jit.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu")
-        return cls(module, num_tokens, stride)
+        data = storage.read_bytes(path)
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(n.endswith("archive_format") for n in names):  # torch.export's .pt2 archive
+            net = torch.export.load(io.BytesIO(data)).module()
+        elif any(n.endswith("constants.pkl") for n in names):  # TorchScript
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+        else:
+            raise ValueError(f"method.tokenizer_path: {path} is neither a torch.export program "
+                             "nor a TorchScript module; export it as README \"BEiT\" shows")
+        return cls(net, num_tokens, stride)
 
-    def train(self, mode: bool = True) -> TorchScriptTokenizer:
-        """The tokenizer stays in eval mode (its BN/dropout, if any, are frozen)."""
-        super().train(mode)
-        self.net.eval()
-        return self
+    @property
+    def net(self) -> nn.Module:
+        return self._net[0]
 
     @torch.no_grad()
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -134,6 +149,9 @@ class TorchScriptTokenizer(nn.Module):
             if tuple(rgb.shape[-2:]) != size:
                 rgb = F.interpolate(rgb, size=size, mode="bicubic", antialias=True,
                                     align_corners=False).clamp(0, 1)
+            if self._device != rgb.device:
+                self.net.to(rgb.device)
+                self._device = rgb.device
             logits = self.net(rgb)
         if logits.shape[1] != self.num_tokens or tuple(logits.shape[-2:]) != grid:
             raise ValueError(f"method.tokenizer_path: the tokenizer returned logits of shape "
