@@ -163,19 +163,24 @@ class BEiT(SSLMethod):
         return random_block_masks(batch, grid, (r, r))
 
     @torch.no_grad()
-    def fit_tokenizer(self, x: Tensor) -> None:
-        """Fit the kmeans codebook on the patches of ``x`` (of every rank, in training)."""
-        patches = patchify(x.float(), self.backbone.patch_size).flatten(0, 1)
+    def fit_tokenizer(self, views: list[Tensor]) -> None:
+        """Fit the kmeans codebook on the patches of ``views`` (of every rank, in training).
+
+        The points are ordered view by view, then image by image over the ranks, as one worker
+        with the global batch would order them, so the fit does not depend on the worker count.
+        """
+        p = self.backbone.patch_size
+        patches = torch.stack([patchify(v.float(), p) for v in views], 1)  # (B, V, N, 3p²)
         distributed = self.training and world_size() > 1
-        # faiss keeps at most 256 points per centre; don't gather more than that.
-        cap = math.ceil(256 * self.cfg.num_tokens / world_size())
-        if patches.shape[0] > cap:
-            g = torch.Generator().manual_seed(self.cfg.kmeans_seed + rank())
-            patches = patches[torch.randperm(patches.shape[0], generator=g)[:cap].to(x.device)]
+        # faiss keeps at most 256 points per centre: gather no more images than that needs.
+        per_image = patches.shape[1] * patches.shape[2]
+        keep = math.ceil(256 * self.cfg.num_tokens / (world_size() * per_image))
+        patches = patches[:keep]
         if distributed:
             patches = gather_no_grad(patches)
+        points = patches.transpose(0, 1).reshape(-1, patches.shape[-1])
         if not distributed or rank() == 0:
-            self.tokenizer.fit(patches, self.cfg.kmeans_seed, self.cfg.kmeans_iters)
+            self.tokenizer.fit(points, self.cfg.kmeans_seed, self.cfg.kmeans_iters)
         if distributed:  # rank 0's codebook everywhere (identical even across CPU types)
             broadcast_buffers(self.tokenizer)
 
@@ -191,7 +196,7 @@ class BEiT(SSLMethod):
             raise ValueError(f"beit expects square views, got {tuple(x.shape[-2:])}")
         if isinstance(self.tokenizer, KMeansTokenizer):
             if not self.tokenizer.is_fitted:
-                self.fit_tokenizer(x)
+                self.fit_tokenizer(views)
             ids = self.tokenizer(x)
         else:
             ids = self.tokenizer(x, (grid, grid))
