@@ -249,7 +249,8 @@ def test_ray_fit_with_hirl(tmp_path) -> None:
         "method.name": "beit", "model.backbone": "vit_tiny", "model.patch_size": 8,
         "method.num_tokens": 64, "method.proj_layers": 2, "hirl.embedding": "vit_mean",
         "train.epochs": 2, "train.num_workers": 1, "train.optimizer": "adamw",
-        "train.lr": 1e-3, "data.train_per_class": 4})
+        "train.lr": 1e-3, "data.train_per_class": 4,
+        "hirl.async_rebuild": False})  # the hierarchy is there for the second epoch's steps
     result = hirl_ray.fit(None, over)
     from hirl_ray.train.checkpoint import find_checkpoints, load_state, read_meta
 
@@ -257,6 +258,8 @@ def test_ray_fit_with_hirl(tmp_path) -> None:
     assert [m.epoch for m in metas] == [1, 2]
     assert not metas[0].metrics["hirl_active"] and metas[1].metrics["hirl_active"]
     assert math.isfinite(metas[1].metrics["semantic_loss"])
+    backbone, preprocess = hirl_ray.load_backbone(result.checkpoint_path)  # no [MASK] token
+    assert backbone.mask_token is None
     model = load_state(result.checkpoint_path)["model"]
     assert bool(model["method.tokenizer.fitted"])  # the codebook travels in the checkpoint
     assert model["method.tokenizer.codebook"].abs().sum() > 0
