@@ -139,6 +139,8 @@ def test_kmeans_tokenizer_is_seeded_maps_its_codebook_to_itself_and_survives_a_r
     assert a.is_fitted and torch.equal(a.codebook, b.codebook)
     assert not torch.equal(a.codebook, c.codebook)
     assert torch.equal(a.ids(a.codebook), torch.arange(K))
+    c.load_state_dict(KMeansTokenizer(K, PATCH).state_dict())  # the loaded flag decides
+    assert not c.is_fitted
     with pytest.raises(ValueError, match=r"method\.num_tokens \(16\)"):
         KMeansTokenizer(K, PATCH).fit(patches[:10], seed=0)
 

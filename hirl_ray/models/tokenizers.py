@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from typing import Any
 
 import faiss
 import torch
@@ -49,10 +50,18 @@ class KMeansTokenizer(nn.Module):
         self.patch_size = patch_size
         self.register_buffer("codebook", torch.zeros(num_tokens, 3 * patch_size ** 2))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._known_fitted = False  # host copy of a True flag: no device sync per step
 
     @property
     def is_fitted(self) -> bool:
-        return bool(self.fitted)
+        """Whether the codebook is fitted (reads the buffer until it is, then a host copy)."""
+        if not self._known_fitted:
+            self._known_fitted = bool(self.fitted)
+        return self._known_fitted
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._known_fitted = False  # the loaded flag decides
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def fit(self, patches: Tensor, seed: int, niter: int = 20) -> None:
