@@ -29,10 +29,11 @@ from hirl_ray.methods.distributed import (
     gather_no_grad,
 )
 from hirl_ray.models import build_backbone
+from hirl_ray.models.masking import random_block_masks
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
 CASES = (("simclr", True), ("mocov2", True), ("mocov2", False),  # (method, sync_bn)
-         ("swav", True), ("mocov3", True))
+         ("swav", True), ("mocov3", True), ("beit", True))
 
 
 def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
@@ -42,14 +43,27 @@ def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
              # SwAV: its queue (2 global crops x WORLD*B rows) is full after step 1, so step 2's
              # Sinkhorn runs over each rank's slice of it plus the global batch.
              "num_prototypes": 10, "num_local_crops": 0, "queue_length": WORLD * B,
-             "queue_start_epochs": 0, "freeze_prototypes_steps": 0}
+             "queue_start_epochs": 0, "freeze_prototypes_steps": 0,
+             # BEiT: a small codebook; a projector so its embedding has proj_dim columns.
+             "num_tokens": 16, "proj_layers": 2}
     cls = METHODS[name].Config
     cfg = cls(proj_dim=16, hidden_dim=32,
               **{k: v for k, v in knobs.items() if k in cls.__dataclass_fields__})
-    backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=8), SIZE)
+    backbone_cfg = (ModelConfig(backbone="vit_tiny", patch_size=4) if METHODS[name].needs_vit
+                    else ModelConfig(backbone="small_cnn", width=8))
+    backbone, feat_dim = build_backbone(backbone_cfg, SIZE)
     model = HirlModel(METHODS[name](backbone, feat_dim, cfg), num_levels=0)
     model = convert_sync_batchnorm(model, device) if sync_bn else model
     return model.to(device)
+
+
+def fix_masks(model: HirlModel, rows: slice = slice(None)) -> None:
+    """Masking methods: the masks one worker draws for the global batch, each rank its rows
+    (the host RNG is seeded per rank, so ranks would draw other masks than one worker)."""
+    g = torch.Generator().manual_seed(2)  # rows of the view-major batch torch.cat(views)
+    masks = iter([random_block_masks(2 * WORLD * B, SIZE // 4, (0.1, 0.6), g)
+                  .view(2, WORLD * B, -1)[:, rows].flatten(0, 1) for _ in range(STEPS)])
+    model.method.draw_masks = lambda batch, grid: next(masks)
 
 
 def global_batches(device: str = "cpu") -> list[list[torch.Tensor]]:
@@ -101,6 +115,8 @@ def _rank_main(rank: int, port: int, out_dir: str, device: str) -> None:
         kwargs = ddp_kwargs()
         if device != "cpu":
             kwargs["device_ids"] = [torch.device(device).index or 0]
+        if METHODS[name].needs_vit:
+            fix_masks(model, rows)
         ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
         if "broadcast_buffers" in kwargs:  # older torch: no buffer sync at init either
             broadcast_buffers(model)
@@ -149,8 +165,10 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu") -> None:
     """Same losses, DDP-averaged gradients, and parameters/BN stats/queue after two steps."""
-    ref = run_steps(make_model(name, True, device), global_batches(device),
-                    torch.arange(WORLD * B, device=device))
+    model = make_model(name, True, device)
+    if METHODS[name].needs_vit:
+        fix_masks(model)
+    ref = run_steps(model, global_batches(device), torch.arange(WORLD * B, device=device))
     for rank, res in enumerate(results):
         got = res[f"{name}-True"]
         close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]), f"rank {rank} losses")
@@ -161,7 +179,7 @@ def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav", "mocov3"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav", "mocov3", "beit"])
 def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
     torch.set_num_threads(1)
     check_equal_to_one_worker(name, two_ranks)

@@ -38,7 +38,8 @@ CLASSIC = ("simclr", "mocov2", "simsiam", "byol")
 #: Knobs that make every method tiny and quick to move (a method takes those it has).
 KNOBS = {"temperature": 0.2, "momentum": 0.9, "base_momentum": 0.9, "num_prototypes": 16,
          "out_dim": 64, "patch_out_dim": 64, "bottleneck_dim": PROJ_DIM, "num_tokens": 16,
-         "num_local_crops": 0, "freeze_last_layer_epochs": 0, "freeze_prototypes_steps": 0}
+         "num_local_crops": 0, "freeze_last_layer_epochs": 0, "freeze_prototypes_steps": 0,
+         "proj_layers": 2}
 
 
 def model_config(name: str) -> ModelConfig:
@@ -243,6 +244,9 @@ def test_embed_and_embedding_are_backbone_features(name: str, batch) -> None:
     assert expected.shape == (BATCH, model.method.feat_dim)
     out = model.method(views)
     assert out.embedding.requires_grad
+    if METHODS[name].needs_vit:  # masking methods: the [CLS] of the *masked* views[0], so
+        assert out.embedding.shape == expected.shape  # tests/test_method_<name>.py checks it
+        return
     torch.testing.assert_close(out.embedding, expected)
 
 
@@ -261,7 +265,9 @@ def test_state_dict_round_trip_restores_targets_and_queue(name: str, batch, hier
         assert int(restored.method.queue_ptr) == (3 * 2 * BATCH) % 48
     trained.eval(), restored.eval()
     with torch.no_grad():
+        torch.manual_seed(0)  # the same masks (masking methods draw them from the host RNG)
         a = trained(views, index, hierarchy, torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
         b = restored(views, index, hierarchy, torch.Generator().manual_seed(0))
     torch.testing.assert_close(a.loss, b.loss)
 

@@ -77,6 +77,8 @@ def _trained_backbone(path: str, cfg: ExperimentConfig) -> tuple[nn.Module, int]
     state = load_state(path)["model"]
     weights = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
                if k.startswith(BACKBONE_PREFIX)}
+    if getattr(backbone, "mask_token", 0) is None:  # a ViT without masking: the [MASK] token
+        weights.pop("mask_token", None)  # of BEiT/iBOT is pre-training only, not a feature
     backbone.load_state_dict(weights)
     return backbone, feat_dim
 

@@ -4,6 +4,7 @@ One concept per file (lightly's ``loss/`` layout); the methods call them and do 
 cross-rank gathering themselves.
 """
 
+from hirl_ray.losses.beit import masked_token_loss
 from hirl_ray.losses.info_nce import info_nce_loss
 from hirl_ray.losses.mocov3 import mocov3_contrastive_loss
 from hirl_ray.losses.nt_xent import nt_xent_loss
@@ -14,6 +15,7 @@ from hirl_ray.losses.swav import sinkhorn, swav_loss
 __all__ = [
     "byol_loss",
     "info_nce_loss",
+    "masked_token_loss",
     "mocov3_contrastive_loss",
     "negative_cosine_loss",
     "nt_xent_loss",

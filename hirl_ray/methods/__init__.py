@@ -20,6 +20,7 @@ from hirl_ray.methods.base import (
     register_method,
     split_weight_decay,
 )
+from hirl_ray.methods.beit import BEiT, BEiTConfig
 from hirl_ray.methods.byol import BYOL, BYOLConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
@@ -39,6 +40,8 @@ _import_every_module()
 
 
 __all__ = [
+    "BEiT",
+    "BEiTConfig",
     "BYOL",
     "BYOLConfig",
     "METHODS",
