@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hirl_ray.config import TrainConfig, load_config
-from hirl_ray.methods import HirlModel
+from hirl_ray.methods import METHODS, HirlModel
 from hirl_ray.runs import feature_dim
 from hirl_ray.train.loop import StaticHierarchy, train_epoch
 from hirl_ray.train.optim import build_optimizer
@@ -27,6 +27,9 @@ CLUSTERED = {
     "swav": ("backbone", "projector"),  # official HIRL-SwAV forward_feature: self.encoder
     "mocov3": ("key_backbone", "key_projector"),  # official forward_feature: encoder_k
 }
+#: Methods that see unmasked views (here on the small CNN); the masking methods (iBOT, BEiT)
+#: test their embeddings in their own files.
+UNMASKED = tuple(n for n in BUILTIN if not METHODS[n].needs_vit)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def views() -> list[torch.Tensor]:
     return [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", UNMASKED)
 def test_projection_is_the_online_projector_output_of_view_0(name, views) -> None:
     method = make_method(name).eval()  # eval: per-sample BN, so one view replays exactly
     out = method(views)
@@ -47,7 +50,7 @@ def test_projection_is_the_online_projector_output_of_view_0(name, views) -> Non
     assert out.embedding.shape == (BATCH, FEAT_DIM)
 
 
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", UNMASKED)
 @pytest.mark.parametrize(("embedding", "dim"), [("projection", PROJ_DIM), ("backbone", FEAT_DIM)])
 def test_cluster_embed_uses_the_target_network_where_one_exists(name, embedding, dim, views):
     method = make_method(name).eval()
