@@ -31,13 +31,15 @@ from hirl_ray.methods.distributed import (
 from hirl_ray.models import build_backbone
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
-CASES = (("simclr", True), ("mocov2", True), ("mocov2", False))  # (method, sync_bn)
+CASES = (("simclr", True), ("mocov2", True), ("mocov2", False),  # (method, sync_bn)
+         ("dino", True))
 
 
 def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
     """The same initial weights in every process (seeded), BN converted as in training."""
     torch.manual_seed(0)
-    knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": QUEUE}
+    knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": QUEUE,
+             "out_dim": 32, "num_local_crops": 0, "freeze_last_layer_epochs": 0}
     cls = METHODS[name].Config
     cfg = cls(proj_dim=16, hidden_dim=32,
               **{k: v for k, v in knobs.items() if k in cls.__dataclass_fields__})
@@ -156,7 +158,7 @@ def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "dino"])
 def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
     torch.set_num_threads(1)
     check_equal_to_one_worker(name, two_ranks)

@@ -21,6 +21,7 @@ from hirl_ray.methods.base import (
     split_weight_decay,
 )
 from hirl_ray.methods.byol import BYOL, BYOLConfig
+from hirl_ray.methods.dino import DINO, DINOConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
@@ -39,6 +40,8 @@ _import_every_module()
 __all__ = [
     "BYOL",
     "BYOLConfig",
+    "DINO",
+    "DINOConfig",
     "METHODS",
     "HirlModel",
     "MethodOutput",
