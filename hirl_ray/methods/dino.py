@@ -93,16 +93,21 @@ def check_crop_sizes(cfg: ExperimentConfig, local_size: int | None) -> None:
                               f"ViT patch ({patch} px); e.g. {fit}")
 
 
-def dino_teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
-    """τ_t of ``epoch`` (0-based): ``linspace(warmup_teacher_temp, teacher_temp, W)[epoch]``,
-    then ``teacher_temp`` (the official per-epoch schedule; ``W = warmup_teacher_temp_epochs``).
+def epoch_warmup(base: float, start: float, warmup_epochs: int, epoch: int) -> float:
+    """``linspace(start, base, warmup_epochs)[epoch]``, then ``base``: the official per-epoch
+    teacher-temperature schedule (``epoch`` 0-based).
 
-    Indexed by the epoch, not by progress, so it needs no ``train.epochs``: the fraction of
-    the warm-up done is ``epoch / (W − 1)`` (``W = 1``: the warm-up value for epoch 0 only).
+    Indexed by the epoch, not by progress, so it needs no ``train.epochs``: the fraction of the
+    warm-up done is ``epoch / (warmup_epochs − 1)`` (one warm-up epoch: ``start`` for epoch 0).
     """
-    w = cfg.warmup_teacher_temp_epochs
-    return teacher_temperature(cfg.teacher_temp, epoch / max(w - 1, 1), cfg.warmup_teacher_temp,
-                               warmup_progress=1.0 if w > 0 else 0.0)
+    return teacher_temperature(base, epoch / max(warmup_epochs - 1, 1), start,
+                               warmup_progress=1.0 if warmup_epochs > 0 else 0.0)
+
+
+def dino_teacher_temperature(cfg: DINOConfig, epoch: int) -> float:
+    """τ_t of ``epoch``: ``warmup_teacher_temp`` → ``teacher_temp`` (:func:`epoch_warmup`)."""
+    return epoch_warmup(cfg.teacher_temp, cfg.warmup_teacher_temp,
+                        cfg.warmup_teacher_temp_epochs, epoch)
 
 
 @register_method
@@ -162,8 +167,9 @@ class DINO(SSLMethod):
     def after_backward(self, step: int, epoch: int) -> None:
         """Drop the last layer's gradient during the first ``freeze_last_layer_epochs``."""
         if epoch < self.cfg.freeze_last_layer_epochs:
-            for p in self.head.last_layer.parameters():
-                p.grad = None
+            for name, p in self.head.named_parameters():
+                if name.startswith("last_layer"):  # iBOT's patch layer too (official)
+                    p.grad = None
 
     @torch.no_grad()
     def teacher_logits(self, global_views: list[Tensor]) -> Tensor:
