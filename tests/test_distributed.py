@@ -32,19 +32,30 @@ from hirl_ray.models import build_backbone
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
 CASES = (("simclr", True), ("mocov2", True), ("mocov2", False),  # (method, sync_bn)
-         ("dino", True))
+         ("dino", True), ("ibot", True))
 
 
-def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
-    """The same initial weights in every process (seeded), BN converted as in training."""
+def make_model(name: str, sync_bn: bool, device: str = "cpu", rows: slice = slice(None)
+               ) -> HirlModel:
+    """The same initial weights in every process (seeded), BN converted as in training.
+
+    iBOT draws its masks on each rank: they are pinned to the global batch's, ``rows`` of them.
+    """
     torch.manual_seed(0)
     knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": QUEUE,
-             "out_dim": 32, "num_local_crops": 0, "freeze_last_layer_epochs": 0}
+             "out_dim": 32, "patch_out_dim": 32, "num_local_crops": 0,
+             "freeze_last_layer_epochs": 0}
     cls = METHODS[name].Config
     cfg = cls(proj_dim=16, hidden_dim=32,
               **{k: v for k, v in knobs.items() if k in cls.__dataclass_fields__})
-    backbone, feat_dim = build_backbone(ModelConfig(backbone="small_cnn", width=8), SIZE)
+    model_cfg = (ModelConfig(backbone="vit_tiny", patch_size=4) if METHODS[name].needs_vit
+                 else ModelConfig(backbone="small_cnn", width=8))
+    backbone, feat_dim = build_backbone(model_cfg, SIZE)
     model = HirlModel(METHODS[name](backbone, feat_dim, cfg), num_levels=0)
+    if name == "ibot":
+        g = torch.Generator().manual_seed(2)
+        masks = torch.rand(2, WORLD * B, (SIZE // 4) ** 2, generator=g) < 0.4
+        model.method.draw_masks = lambda batch, grid: masks[:, rows]
     model = convert_sync_batchnorm(model, device) if sync_bn else model
     return model.to(device)
 
@@ -91,7 +102,7 @@ def _rank_main(rank: int, port: int, out_dir: str, device: str) -> None:
     results = {}
     rows = slice(rank * B, (rank + 1) * B)
     for name, sync_bn in CASES:
-        model = make_model(name, sync_bn, device)
+        model = make_model(name, sync_bn, device, rows)
         if name == "mocov2" and rank > 0:  # DDP's init sync must make the queues agree
             model.method.queue.copy_(torch.nn.functional.normalize(
                 torch.randn(model.method.queue.shape), dim=1))
@@ -158,7 +169,7 @@ def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2", "dino"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "dino", "ibot"])
 def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
     torch.set_num_threads(1)
     check_equal_to_one_worker(name, two_ranks)

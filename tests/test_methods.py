@@ -41,7 +41,7 @@ KNOBS = {"temperature": 0.2, "momentum": 0.9, "base_momentum": 0.9, "num_prototy
          "num_local_crops": 0, "freeze_last_layer_epochs": 0, "freeze_prototypes_steps": 0,
          # DINO/iBOT: a centre slower than the 20 steps of test_training_reduces_loss; with 0.9
          # it catches up within them and the loss of the one fixed batch rises towards ln K.
-         "center_momentum": 0.99}
+         "center_momentum": 0.99, "patch_center_momentum": 0.99}
 
 
 def model_config(name: str) -> ModelConfig:

@@ -5,6 +5,7 @@ cross-rank gathering themselves.
 """
 
 from hirl_ray.losses.dino import dino_loss, update_center
+from hirl_ray.losses.ibot import ibot_patch_loss
 from hirl_ray.losses.info_nce import info_nce_loss
 from hirl_ray.losses.nt_xent import nt_xent_loss
 from hirl_ray.losses.regression import byol_loss, negative_cosine_loss
@@ -13,6 +14,7 @@ from hirl_ray.losses.semantic_path import sample_negative_paths, semantic_path_l
 __all__ = [
     "byol_loss",
     "dino_loss",
+    "ibot_patch_loss",
     "info_nce_loss",
     "negative_cosine_loss",
     "nt_xent_loss",

@@ -23,6 +23,7 @@ from hirl_ray.methods.base import (
 from hirl_ray.methods.byol import BYOL, BYOLConfig
 from hirl_ray.methods.dino import DINO, DINOConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
+from hirl_ray.methods.ibot import IBOT, IBOTConfig
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
 from hirl_ray.methods.simsiam import SimSiam, SimSiamConfig
@@ -44,6 +45,8 @@ __all__ = [
     "DINOConfig",
     "METHODS",
     "HirlModel",
+    "IBOT",
+    "IBOTConfig",
     "MethodOutput",
     "MoCoV2",
     "MoCoV2Config",
