@@ -166,3 +166,31 @@ def test_registered_vit_mean_and_paper_config() -> None:
     paper = load_config("experiments/paper/hirl_ibot_vit_b_16.yaml")
     assert paper.method.out_dim == paper.method.patch_out_dim == 8192
     assert paper.method.pred_ratio == (0.0, 0.3) and paper.hirl.num_clusters == (30000, 10000, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_one_worker_ibot_hirl_fit_on_ray(tmp_path) -> None:
+    """iBOT + HIRL (vit_mean heads) through hirl_ray.fit: 2 epochs, HIRL from the second."""
+    import hirl_ray
+    from hirl_ray.train.checkpoint import find_checkpoints, read_meta
+
+    result = hirl_ray.fit(None, {
+        "data.image_size": 16, "data.train_per_class": 4, "data.test_per_class": 2,
+        "model.backbone": "vit_tiny", "model.patch_size": 4,
+        "method.name": "ibot", "method.hidden_dim": 32, "method.proj_dim": 16,
+        "method.out_dim": 64, "method.patch_out_dim": 64, "method.num_local_crops": 2,
+        "method.local_crop_size": 8, "method.warmup_teacher_temp_epochs": 1,
+        "method.freeze_last_layer_epochs": 1,
+        "hirl.num_clusters": [8, 4], "hirl.warmup_epochs": 1, "hirl.rebuild_every_epochs": 1,
+        "hirl.num_neg_paths": 8, "hirl.kmeans_nredo": 1, "hirl.kmeans_iters": 5,
+        "hirl.embedding": "vit_mean", "hirl.async_rebuild": False,
+        "train.epochs": 2, "train.batch_size": 32, "train.num_workers": 1,
+        "train.optimizer": "adamw", "train.lr": 0.001, "train.amp": False,
+        "storage.path": str(tmp_path), "storage.name": "ibot",
+    })
+    metas = [read_meta(p) for p in find_checkpoints(result.run_dir)]
+    assert [m.epoch for m in metas] == [1, 2]
+    assert metas[-1].hierarchy_version >= 1 and metas[-1].metrics["hirl_active"]
+    assert all(np.isfinite(m.metrics["loss"]) for m in metas)
+    assert 0.0 <= result.metrics["knn_acc/superclass"] <= 1.0

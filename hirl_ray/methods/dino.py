@@ -69,12 +69,12 @@ class DINOConfig(ProjectorConfig):
                                   f"got {list(scale)}")
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
-        """Local crops must fit the ViT's patches; the τ_t warm-up must end within training."""
+        """Local crops must fit the global crop and the ViT's patches.
+
+        A τ_t warm-up longer than ``train.epochs`` is allowed (τ_t then never reaches
+        ``teacher_temp``), so short runs of the paper's settings need no edit.
+        """
         check_crop_sizes(cfg, self.local_crop_size if self.num_local_crops else None)
-        if self.warmup_teacher_temp_epochs > cfg.train.epochs:
-            raise ConfigError(
-                f"method.warmup_teacher_temp_epochs ({self.warmup_teacher_temp_epochs}) must be "
-                f"<= train.epochs ({cfg.train.epochs}); lower it")
 
 
 def check_crop_sizes(cfg: ExperimentConfig, local_size: int | None) -> None:
@@ -126,13 +126,16 @@ class DINO(SSLMethod):
     centre is the mean over the global batch and identical on every rank (no other collective;
     the loss of each rank's local batch is averaged by DDP).
 
-    HIRL: the student's bottleneck (``head.mlp`` output, ``proj_dim`` wide) of the first global
-    crop is its input (official ``inst_cls_emb``); the teacher backbone + ``head.mlp`` is
-    clustered (official ``forward_feature``).
+    Evaluation (kNN, linear, ``load_backbone``) uses the teacher backbone, as DINO and the
+    official HIRL code (``self.backbone = self.teacher``) do. HIRL: the student's bottleneck
+    (``head.mlp`` output, ``proj_dim`` wide) of the first global crop is its input (official
+    ``inst_cls_emb``); the teacher backbone + ``head.mlp`` is clustered (official
+    ``forward_feature``).
     """
 
     name: ClassVar[str] = "dino"
     Config = DINOConfig
+    eval_backbone: ClassVar[str] = "teacher_backbone"
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: DINOConfig) -> None:
         super().__init__(backbone, feat_dim, cfg)
