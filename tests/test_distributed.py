@@ -33,11 +33,15 @@ from hirl_ray.models.masking import random_block_masks
 
 WORLD, B, SIZE, STEPS, QUEUE = 2, 4, 16, 2, 24
 CASES = (("simclr", True), ("mocov2", True), ("mocov2", False),  # (method, sync_bn)
-         ("swav", True), ("mocov3", True), ("beit", True))
+         ("swav", True), ("mocov3", True), ("beit", True), ("dino", True), ("ibot", True))
 
 
-def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
-    """The same initial weights in every process (seeded), BN converted as in training."""
+def make_model(name: str, sync_bn: bool, device: str = "cpu", rows: slice = slice(None)
+               ) -> HirlModel:
+    """The same initial weights in every process (seeded), BN converted as in training.
+
+    iBOT draws its masks on each rank: they are pinned to the global batch's, ``rows`` of them.
+    """
     torch.manual_seed(0)
     knobs = {"temperature": 0.2, "momentum": 0.9, "queue_size": QUEUE,
              # SwAV: its queue (2 global crops x WORLD*B rows) is full after step 1, so step 2's
@@ -45,7 +49,9 @@ def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
              "num_prototypes": 10, "num_local_crops": 0, "queue_length": WORLD * B,
              "queue_start_epochs": 0, "freeze_prototypes_steps": 0,
              # BEiT: a small codebook; a projector so its embedding has proj_dim columns.
-             "num_tokens": 16, "proj_layers": 2}
+             "num_tokens": 16, "proj_layers": 2,
+             # DINO/iBOT: small heads, global crops only.
+             "out_dim": 32, "patch_out_dim": 32, "freeze_last_layer_epochs": 0}
     cls = METHODS[name].Config
     cfg = cls(proj_dim=16, hidden_dim=32,
               **{k: v for k, v in knobs.items() if k in cls.__dataclass_fields__})
@@ -53,12 +59,16 @@ def make_model(name: str, sync_bn: bool, device: str = "cpu") -> HirlModel:
                     else ModelConfig(backbone="small_cnn", width=8))
     backbone, feat_dim = build_backbone(backbone_cfg, SIZE)
     model = HirlModel(METHODS[name](backbone, feat_dim, cfg), num_levels=0)
+    if name == "ibot":
+        g = torch.Generator().manual_seed(2)
+        masks = torch.rand(2, WORLD * B, (SIZE // 4) ** 2, generator=g) < 0.4
+        model.method.draw_masks = lambda batch, grid: masks[:, rows]
     model = convert_sync_batchnorm(model, device) if sync_bn else model
     return model.to(device)
 
 
 def fix_masks(model: HirlModel, rows: slice = slice(None)) -> None:
-    """Masking methods: the masks one worker draws for the global batch, each rank its rows
+    """BEiT: the masks one worker draws for the global batch, each rank its rows
     (the host RNG is seeded per rank, so ranks would draw other masks than one worker)."""
     g = torch.Generator().manual_seed(2)  # rows of the view-major batch torch.cat(views)
     masks = iter([random_block_masks(2 * WORLD * B, SIZE // 4, (0.1, 0.6), g)
@@ -108,14 +118,14 @@ def _rank_main(rank: int, port: int, out_dir: str, device: str) -> None:
     results = {}
     rows = slice(rank * B, (rank + 1) * B)
     for name, sync_bn in CASES:
-        model = make_model(name, sync_bn, device)
+        model = make_model(name, sync_bn, device, rows)
         if name == "mocov2" and rank > 0:  # DDP's init sync must make the queues agree
             model.method.queue.copy_(torch.nn.functional.normalize(
                 torch.randn(model.method.queue.shape), dim=1))
         kwargs = ddp_kwargs()
         if device != "cpu":
             kwargs["device_ids"] = [torch.device(device).index or 0]
-        if METHODS[name].needs_vit:
+        if name == "beit":  # iBOT's masks are pinned in make_model
             fix_masks(model, rows)
         ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
         if "broadcast_buffers" in kwargs:  # older torch: no buffer sync at init either
@@ -166,7 +176,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu") -> None:
     """Same losses, DDP-averaged gradients, and parameters/BN stats/queue after two steps."""
     model = make_model(name, True, device)
-    if METHODS[name].needs_vit:
+    if name == "beit":
         fix_masks(model)
     ref = run_steps(model, global_batches(device), torch.arange(WORLD * B, device=device))
     for rank, res in enumerate(results):
@@ -179,7 +189,8 @@ def check_equal_to_one_worker(name: str, results: list[dict], device: str = "cpu
             close(got["state"][k].to(v.dtype), v, f"rank {rank} state {k}")
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav", "mocov3", "beit"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "swav", "mocov3", "beit", "dino",
+                                  "ibot"])
 def test_two_workers_equal_one_worker_with_the_global_batch(name: str, two_ranks) -> None:
     torch.set_num_threads(1)
     check_equal_to_one_worker(name, two_ranks)

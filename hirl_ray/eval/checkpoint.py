@@ -73,10 +73,14 @@ def load_backbone(checkpoint: str | Path, device: str | torch.device = "cpu"
 
 def _trained_backbone(path: str, cfg: ExperimentConfig) -> tuple[nn.Module, int]:
     """``(backbone with the checkpoint's weights, feature dimension)``, on CPU."""
+    from hirl_ray.methods import METHODS
+
     backbone, feat_dim = build_backbone(cfg.model, cfg.data.image_size)
     state = load_state(path)["model"]
-    weights = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items()
-               if k.startswith(BACKBONE_PREFIX)}
+    # The method's evaluated network (DINO/iBOT: the teacher, as the official code).
+    name = getattr(METHODS.get(cfg.method.name), "eval_backbone", "backbone")
+    prefix = BACKBONE_PREFIX if name == "backbone" else f"method.{name}."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if getattr(backbone, "mask_token", 0) is None:  # a ViT without masking: the [MASK] token
         weights.pop("mask_token", None)  # of BEiT/iBOT is pre-training only, not a feature
     backbone.load_state_dict(weights)

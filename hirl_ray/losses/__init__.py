@@ -5,6 +5,8 @@ cross-rank gathering themselves.
 """
 
 from hirl_ray.losses.beit import masked_token_loss
+from hirl_ray.losses.dino import dino_loss, update_center
+from hirl_ray.losses.ibot import ibot_patch_loss
 from hirl_ray.losses.info_nce import info_nce_loss
 from hirl_ray.losses.mocov3 import mocov3_contrastive_loss
 from hirl_ray.losses.nt_xent import nt_xent_loss
@@ -14,6 +16,8 @@ from hirl_ray.losses.swav import sinkhorn, swav_loss
 
 __all__ = [
     "byol_loss",
+    "dino_loss",
+    "ibot_patch_loss",
     "info_nce_loss",
     "masked_token_loss",
     "mocov3_contrastive_loss",
@@ -23,4 +27,5 @@ __all__ = [
     "semantic_path_loss",
     "sinkhorn",
     "swav_loss",
+    "update_center",
 ]

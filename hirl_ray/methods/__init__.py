@@ -22,7 +22,9 @@ from hirl_ray.methods.base import (
 )
 from hirl_ray.methods.beit import BEiT, BEiTConfig
 from hirl_ray.methods.byol import BYOL, BYOLConfig
+from hirl_ray.methods.dino import DINO, DINOConfig
 from hirl_ray.methods.hirl import HirlModel, StepOutput
+from hirl_ray.methods.ibot import IBOT, IBOTConfig
 from hirl_ray.methods.mocov2 import MoCoV2, MoCoV2Config
 from hirl_ray.methods.mocov3 import MoCoV3, MoCoV3Config
 from hirl_ray.methods.simclr import SimCLR, SimCLRConfig
@@ -44,8 +46,12 @@ __all__ = [
     "BEiTConfig",
     "BYOL",
     "BYOLConfig",
+    "DINO",
+    "DINOConfig",
     "METHODS",
     "HirlModel",
+    "IBOT",
+    "IBOTConfig",
     "MethodOutput",
     "MoCoV2",
     "MoCoV2Config",

@@ -103,6 +103,9 @@ class SSLMethod(nn.Module):
     embeddings: ClassVar[tuple[str, ...]] = ("projection", "backbone", "vit_cls")
     #: True when the method reads patch tokens (masking): the loader refuses CNN backbones.
     needs_vit: ClassVar[bool] = False
+    #: The attribute holding the network evaluated (kNN, linear, ``load_backbone``): the online
+    #: ``backbone``, or e.g. DINO's ``teacher_backbone`` (the official code evaluates the teacher).
+    eval_backbone: ClassVar[str] = "backbone"
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: Any) -> None:
         super().__init__()
@@ -163,12 +166,12 @@ class SSLMethod(nn.Module):
         """Called after every optimiser step; ``progress`` ∈ [0, 1] of training. No-op here."""
 
     def embed(self, x: Tensor) -> Tensor:
-        """Frozen-evaluation features ``self.backbone(x)``, ``(B, feat_dim)``.
+        """Frozen-evaluation features of the :attr:`eval_backbone` network, ``(B, feat_dim)``.
 
         Used for kNN and linear evaluation; the caller chooses ``eval()`` mode and
         ``torch.no_grad()`` (BN must be in eval mode for evaluation, lightly #1444).
         """
-        return self.backbone(x)
+        return getattr(self, self.eval_backbone)(x)
 
     def embedding_dim(self, embedding: str) -> int:
         """Width of ``hirl.embedding``: the HIRL heads' input and the clustered features."""
