@@ -26,7 +26,20 @@ CLUSTERED = {
     "byol": ("target_backbone", "target_projector"),
     "swav": ("backbone", "projector"),  # official HIRL-SwAV forward_feature: self.encoder
     "mocov3": ("key_backbone", "key_projector"),  # official forward_feature: encoder_k
+    "dino": ("teacher_backbone", "teacher_head.mlp"),  # official: teacher.head.mlp(teacher(x))
 }
+#: The online projector, where the heads' ``projection`` comes from (DINO: its head's MLP).
+ONLINE_PROJECTOR = {"dino": "head.mlp"}
+
+
+def attr(obj: object, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def projector_of(method: torch.nn.Module, name: str) -> torch.nn.Module:
+    return attr(method, ONLINE_PROJECTOR.get(name, "projector"))
 #: Methods that see unmasked views (here on the small CNN); the masking methods (iBOT, BEiT)
 #: test their embeddings in their own files.
 UNMASKED = tuple(n for n in BUILTIN if not METHODS[n].needs_vit)
@@ -45,7 +58,7 @@ def test_projection_is_the_online_projector_output_of_view_0(name, views) -> Non
     out = method(views)
     assert out.projection.shape == (BATCH, PROJ_DIM) and out.projection.requires_grad
     with torch.no_grad():
-        expected = method.projector(method.backbone(views[0]))
+        expected = projector_of(method, name)(method.backbone(views[0]))
     torch.testing.assert_close(out.projection.detach(), expected)
     assert out.embedding.shape == (BATCH, FEAT_DIM)
 
@@ -55,16 +68,17 @@ def test_projection_is_the_online_projector_output_of_view_0(name, views) -> Non
 def test_cluster_embed_uses_the_target_network_where_one_exists(name, embedding, dim, views):
     method = make_method(name).eval()
     assert method.embedding_dim(embedding) == dim
-    backbone, projector = (getattr(method, a) for a in CLUSTERED[name])
+    backbone, projector = (attr(method, a) for a in CLUSTERED[name])
+    online_projector = projector_of(method, name)
     with torch.no_grad():
         # Move the online network away from the target, as training does between EMA updates.
-        for p in [*method.backbone.parameters(), *method.projector.parameters()]:
+        for p in [*method.backbone.parameters(), *online_projector.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
         feats = method.cluster_embed(views[0], embedding)
         h = backbone(views[0])
         expected = F.normalize(h if embedding == "backbone" else projector(h), dim=1)
         online_h = method.backbone(views[0])
-        online = online_h if embedding == "backbone" else method.projector(online_h)
+        online = online_h if embedding == "backbone" else online_projector(online_h)
     assert feats.shape == (BATCH, dim) and feats.dtype == torch.float32
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(BATCH))
     torch.testing.assert_close(feats, expected)
