@@ -436,3 +436,20 @@ def test_head_layers_sets_the_depth_of_every_level_head() -> None:
         assert sum(isinstance(m, torch.nn.Linear) for m in head.modules()) == 5
     default = HirlModel.from_config(load_config(None, {"model.width": WIDTH}))
     assert sum(isinstance(m, torch.nn.Linear) for m in default.heads[0].modules()) == 2
+
+
+@pytest.mark.parametrize("name", [n for n in BUILTIN if not METHODS[n].needs_vit])
+def test_cnn_methods_also_train_a_vit(name: str, batch, hierarchy) -> None:
+    """Any method takes any backbone: a ViT's [CLS] output stands where a CNN's pooled one was."""
+    torch.manual_seed(0)
+    cls = METHODS[name]
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    cfg = cls.Config(proj_dim=PROJ_DIM, hidden_dim=64,
+                     **{k: v for k, v in {**KNOBS, "queue_size": 48}.items() if k in own})
+    backbone, feat_dim = build_backbone(ModelConfig(backbone="vit_tiny", patch_size=4), SIZE)
+    model = HirlModel(cls(backbone, feat_dim, cfg), len(LEVELS), num_neg_paths=20)
+    views, index = batch
+    out = model(views, index, hierarchy)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.semantic_loss is not None
+    assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
