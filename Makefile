@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 FAISS       ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu)
 
-.PHONY: install install-test install-gpu train test test-fast bench bench-quick gpu-check lint clean
+.PHONY: install install-test install-gpu train test test-all test-fast bench bench-quick gpu-check lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,9 +48,16 @@ install-gpu: | $(PY)
 train: install
 	$(VENV)/bin/hirl-ray fit experiments/default.yaml
 
-## Run the test suite (slow multi-node/fault tests included; `make test-fast` skips them).
+## Run the test suite: everything but the end-to-end Ray scenarios marked slow (multi-node,
+## fault injection, sweeps, one Ray fit per method; ~20 min more on 2 cores). CI (CI=true,
+## .ci/run) and `make test-all` run those too.
+SLOW_FILTER := $(if $(filter true 1,$(CI)),,-m "not slow")
 test: install-test
-	$(PY) -m pytest -q
+	@$(if $(SLOW_FILTER),echo "make test: skipping tests marked slow (make test-all or CI=true runs them)",true)
+	$(PY) -m pytest -q --durations=15 $(SLOW_FILTER)
+
+test-all: install-test
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow"

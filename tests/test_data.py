@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -41,14 +40,10 @@ def _hashes(images: torch.Tensor) -> set[str]:
 # ---------------------------------------------------------------- synthetic
 
 
-def test_synthetic_default_sizes_shapes_and_speed():
-    best = float("inf")
-    for _ in range(2):  # best of two: the machine is shared with other test runs
-        start = time.perf_counter()
-        train = build_dataset(DataConfig(), "train")
-        test = build_dataset(DataConfig(), "test")
-        best = min(best, time.perf_counter() - start)
-    assert best < 2.0, f"generating 2400+960 images took {best:.2f}s"
+def test_synthetic_default_sizes_and_shapes():
+    # Speed is a benchmark's business (no timed asserts here: the machine may be loaded).
+    train = build_dataset(DataConfig(), "train")
+    test = build_dataset(DataConfig(), "test")
     assert (len(train), len(test)) == (2400, 960)
     assert isinstance(train, SyntheticHierarchy)
     img, idx = train[5]
