@@ -70,10 +70,15 @@ def make_model(name: str, hirl: bool = True, seed: int = 0, weight: float = 1.0)
 
 @pytest.fixture(scope="module")
 def batch() -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Two fixed additive-noise views of 32 structured images, and their dataset indices."""
+    """Two fixed additive-noise views of 32 images of the built-in set (16 px), and indices."""
+    from hirl_ray.config import DataConfig
+    from hirl_ray.data import build_dataset
+    from hirl_ray.data.transforms import eval_transform
+
+    data = build_dataset(DataConfig(image_size=SIZE, train_per_class=2), "train")
+    to_tensor = eval_transform(SIZE)
+    base = torch.stack([to_tensor(data[i][0]) for i in range(BATCH)])  # 32 of its 48 images
     g = torch.Generator().manual_seed(0)
-    base = torch.rand(BATCH, 3, 1, 1, generator=g) * torch.linspace(0, 1, SIZE).view(1, 1, 1, SIZE)
-    base = base + 0.3 * torch.rand(BATCH, 3, SIZE, SIZE, generator=g)
     views = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(2)]
     return views, torch.arange(5, 5 + BATCH)  # indices into the N-sample hierarchy
 
