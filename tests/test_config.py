@@ -63,6 +63,7 @@ def test_round_trip_through_dict():
     ({"hirl.embedding": "vit_mean", "model.backbone": "vit_tiny"},
      "hirl.embedding=vit_mean is not produced by method simclr"),
     ({"train.min_lr": 0.1}, "train.min_lr (0.1) must be <= train.lr"),
+    ({"method.name": "dino", "method.augment": "dino"}, "method.augment must be one of simclr"),
     ({"model.drop_path": 1.0}, "model.drop_path must be in [0, 1)"),
     ({"hirl.kmeans_init": "afk-mc2"}, "hirl.kmeans_init must be one of random, kmeans++"),
     ({"hirl.neg_average": "mean"}, "hirl.neg_average must be one of per_sample, pooled"),

@@ -199,3 +199,34 @@ def test_multi_crop_gives_global_then_local_views() -> None:
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
     with pytest.raises(ValueError, match="local crop scale"):
         multi_crop_transform(32, 16, local_scale=(0.5, 0.2))
+
+
+def test_byol_style_views_are_the_asymmetric_pair() -> None:
+    """DINO/MoCo v3 views: view 1 always blurred, view 2 solarised with p = 0.2; locals p = 0.5."""
+    from torchvision.transforms import v2
+
+    from hirl_ray.data.transforms import multi_crop_transform
+
+    def ops(pipeline, kind):
+        return [(op.p, type(t).__name__) for op in pipeline.transforms
+                if isinstance(op, v2.RandomApply) for t in op.transforms if isinstance(t, kind)]
+
+    def solarise(pipeline):
+        return [op.p for op in pipeline.transforms if isinstance(op, v2.RandomSolarize)]
+
+    t = multi_crop_transform(224, 96, num_global=2, num_local=2, augment="byol")
+    g1, g2, local = t.transforms[0], t.transforms[1], t.transforms[2]
+    assert [p for p, _ in ops(g1, v2.GaussianBlur)] == [1.0] and solarise(g1) == []
+    assert [p for p, _ in ops(g2, v2.GaussianBlur)] == [0.1] and solarise(g2) == [0.2]
+    assert [p for p, _ in ops(local, v2.GaussianBlur)] == [0.5] and solarise(local) == []
+    jitter = next(t for op in g1.transforms if isinstance(op, v2.RandomApply)
+                  for t in op.transforms if isinstance(t, v2.ColorJitter))
+    assert jitter.saturation == (0.8, 1.2)  # BYOL's 0.2, not SimCLR's 0.4
+    simclr = multi_crop_transform(224, 96, num_global=2, num_local=0)
+    assert all(solarise(p) == [] for p in simclr.transforms)
+    assert [p for p, _ in ops(simclr.transforms[1], v2.GaussianBlur)] == [0.5]
+    views = multi_crop_transform(32, 16, 2, 2, augment="byol")(
+        torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    with pytest.raises(ValueError, match="augment must be one of simclr, byol"):
+        multi_crop_transform(32, 16, augment="dino")

@@ -29,7 +29,9 @@ def _to_rgb_image(image: Any) -> torch.Tensor:
 
 
 def simclr_view(image_size: int, strength: float = 1.0,
-                scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
+                scale: tuple[float, float] = (0.2, 1.0), blur: float | None = None,
+                solarize: float = 0.0,
+                jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)) -> v2.Compose:
     """One SimCLR/MoCo v2 view pipeline: uint8 ``Image`` -> normalised float ``(3, S, S)``.
 
     RandomResizedCrop with ``scale`` (MoCo v2: (0.2, 1)), horizontal flip,
@@ -41,19 +43,27 @@ def simclr_view(image_size: int, strength: float = 1.0,
         image_size: Output side length S.
         strength: Scales the colour-jitter strengths (1.0 = the papers' values).
         scale: Area range of the random crop (e.g. ``(0.05, 0.4)`` for DINO's local crops).
+        blur: Probability of the Gaussian blur (``None``: 0.5, SimCLR's); never below 96 px.
+        solarize: Probability of solarisation (BYOL's second view: 0.2).
+        jitter: Colour-jitter brightness, contrast, saturation, hue (before ``strength``;
+            BYOL/DINO/MoCo v3: (0.4, 0.4, 0.2, 0.1)).
     """
     if image_size <= 0 or strength < 0:
         raise ValueError(f"need image_size > 0, strength >= 0; got {image_size}, {strength}")
     s = strength
+    b, c, sat, hue = jitter
     ops: list[Any] = [
         v2.RandomResizedCrop(image_size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, min(0.5, 0.1 * s))], p=0.8),
+        v2.RandomApply([v2.ColorJitter(b * s, c * s, sat * s, min(0.5, hue * s))], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
-    if image_size >= 96:
+    blur = 0.5 if blur is None else blur
+    if image_size >= 96 and blur > 0:
         kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
+    if solarize > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=solarize))  # on uint8: pixels >= 128
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     return v2.Compose(ops)
 
@@ -97,6 +107,13 @@ class MultiView(MultiViewTransform):
         super().__init__([self.pipeline] * num_views)
 
 
+#: View styles of :class:`MultiCrop`: ``simclr`` (every view alike, SimCLR/MoCo v2/SwAV) or
+#: ``byol`` (BYOL's asymmetric pair: DINO, iBOT and MoCo v3's official pipelines).
+AUGMENTS = ("simclr", "byol")
+#: Colour jitter of the BYOL-style views (brightness, contrast, saturation, hue).
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)
+
+
 class MultiCrop(MultiViewTransform):
     """Multi-crop (Caron et al. 2020, SwAV Sec. 3.2): global crops, then smaller local crops.
 
@@ -105,12 +122,15 @@ class MultiCrop(MultiViewTransform):
     (0.14, 1) and 6×96 px from (0.05, 0.14); DINO: (0.4, 1) / (0.05, 0.4)), each with the
     SimCLR colour augmentations (:func:`simclr_view`). Views come in that order, so the global
     crops are ``views[:num_global]`` and each resolution is one backbone pass
-    (:func:`~hirl_ray.models.forward_by_resolution`).
+    (:func:`~hirl_ray.models.forward_by_resolution`). ``augment="byol"`` makes the global crops
+    BYOL's asymmetric pair (blur 1.0 / 0.1 + solarisation 0.2, jitter (0.4, 0.4, 0.2, 0.1)) and
+    the local crops blurred with p = 0.5, as DINO's ``DataAugmentationDINO``.
     """
 
     def __init__(self, global_size: int, local_size: int, num_global: int = 2,
                  num_local: int = 6, global_scale: tuple[float, float] = (0.14, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.14), strength: float = 1.0) -> None:
+                 local_scale: tuple[float, float] = (0.05, 0.14), strength: float = 1.0,
+                 augment: str = "simclr") -> None:
         if num_global < 1 or num_local < 0:
             raise ValueError(f"multi-crop needs >= 1 global and >= 0 local crops, got "
                              f"{num_global} and {num_local}")
@@ -118,10 +138,22 @@ class MultiCrop(MultiViewTransform):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"multi-crop {name} crop scale must satisfy 0 < min <= max "
                                  f"<= 1, got ({lo}, {hi})")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         self.num_global, self.num_local = num_global, num_local
-        g = simclr_view(global_size, strength, scale=tuple(global_scale))
-        local = simclr_view(local_size, strength, scale=tuple(local_scale)) if num_local else None
-        super().__init__([g] * num_global + [local] * num_local)
+        gs, ls = tuple(global_scale), tuple(local_scale)
+        if augment == "byol":
+            # BYOL's asymmetric pair (Grill et al. 2020, Table 6), as DINO's and MoCo v3's
+            # official pipelines: view 1 always blurred, view 2 rarely blurred but solarised.
+            j = BYOL_JITTER
+            globals_ = [simclr_view(global_size, strength, gs, blur=1.0, jitter=j),
+                        simclr_view(global_size, strength, gs, blur=0.1, solarize=0.2, jitter=j)]
+            globals_ = [globals_[i % 2] for i in range(num_global)]
+            local = simclr_view(local_size, strength, ls, blur=0.5, jitter=j)
+        else:
+            globals_ = [simclr_view(global_size, strength, scale=gs)] * num_global
+            local = simclr_view(local_size, strength, scale=ls)
+        super().__init__(globals_ + [local] * num_local)
 
 
 class EvalTransform:
@@ -168,10 +200,10 @@ def multi_view_transform(image_size: int, num_views: int = 2, strength: float = 
 def multi_crop_transform(global_size: int, local_size: int, num_global: int = 2,
                          num_local: int = 6, global_scale: tuple[float, float] = (0.14, 1.0),
                          local_scale: tuple[float, float] = (0.05, 0.14),
-                         strength: float = 1.0) -> MultiCrop:
+                         strength: float = 1.0, augment: str = "simclr") -> MultiCrop:
     """Global + local crops per image (:class:`MultiCrop`): ``num_global + num_local`` views."""
     return MultiCrop(global_size, local_size, num_global, num_local, global_scale, local_scale,
-                     strength)
+                     strength, augment)
 
 
 def eval_transform(image_size: int) -> EvalTransform:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from hirl_ray.config import ConfigError, check_fraction, check_positive
-from hirl_ray.data.transforms import MultiViewTransform, multi_crop_transform
+from hirl_ray.config import ConfigError, check_choice, check_fraction, check_positive
+from hirl_ray.data.transforms import AUGMENTS, MultiViewTransform, multi_crop_transform
 from hirl_ray.losses.dino import dino_loss, update_center
 from hirl_ray.methods.base import (
     MethodOutput,
@@ -52,6 +52,7 @@ class DINOConfig(ProjectorConfig):
     local_crop_size: int = 96           # local crop side in px (globals: data.image_size)
     global_crop_scale: tuple[float, float] = (0.25, 1.0)  # area range of global crops
     local_crop_scale: tuple[float, float] = (0.05, 0.25)  # area range of local crops
+    augment: str = "byol"               # byol: DINO's asymmetric views (blur/solarise); simclr
     shape_keys: ClassVar[tuple[str, ...]] = ("proj_dim", "hidden_dim", "out_dim")
 
     def check(self, where: str) -> None:
@@ -62,6 +63,7 @@ class DINOConfig(ProjectorConfig):
                        "num_local_crops", strict=False)
         check_fraction(f"{where}.center_momentum", self.center_momentum)
         check_fraction(f"{where}.teacher_momentum", self.teacher_momentum)
+        check_choice(f"{where}.augment", self.augment, AUGMENTS)
         for key in ("global_crop_scale", "local_crop_scale"):
             scale = getattr(self, key)
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -157,7 +159,8 @@ class DINO(SSLMethod):
         """2 global crops at ``data.image_size``, then ``num_local_crops`` local crops."""
         c = self.cfg
         return multi_crop_transform(data_cfg.image_size, c.local_crop_size, NUM_GLOBAL,
-                                    c.num_local_crops, c.global_crop_scale, c.local_crop_scale)
+                                    c.num_local_crops, c.global_crop_scale, c.local_crop_scale,
+                                    augment=c.augment)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """No weight decay on norms and biases (DINO's ``get_params_groups``)."""

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from hirl_ray.config import ConfigError, check_fraction, check_positive
-from hirl_ray.data.transforms import MultiViewTransform, multi_crop_transform
+from hirl_ray.config import ConfigError, check_choice, check_fraction, check_positive
+from hirl_ray.data.transforms import AUGMENTS, MultiViewTransform, multi_crop_transform
 from hirl_ray.losses.mocov3 import mocov3_contrastive_loss
 from hirl_ray.methods.base import (
     MethodOutput,
@@ -45,6 +45,7 @@ class MoCoV3Config(ProjectorConfig):
     # ViTs: fixed 2-D sin-cos position embedding, as official MoCo v3 / HIRL (``sincos_pos_emb``).
     sincos_pos_embed: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of both random crops
+    augment: str = "byol"  # byol: MoCo v3's asymmetric views (blur 1.0/0.1, solarise); simclr
     shape_keys = ("proj_dim", "hidden_dim", "proj_layers")
 
     def check(self, where: str) -> None:
@@ -58,6 +59,7 @@ class MoCoV3Config(ProjectorConfig):
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"{where}.crop_scale must satisfy 0 < min <= max <= 1, "
                               f"got {list(self.crop_scale)}")
+        check_choice(f"{where}.augment", self.augment, AUGMENTS)
 
     def check_experiment(self, cfg: ExperimentConfig) -> None:
         if self.freeze_patch_embed and not cfg.model.is_vit:
@@ -136,7 +138,8 @@ class MoCoV3(SSLMethod):
         """Two crops at ``data.image_size`` with area in ``crop_scale`` (MoCo v3: (0.08, 1))."""
         s = data_cfg.image_size
         return multi_crop_transform(s, s, num_global=2, num_local=0,
-                                    global_scale=tuple(self.cfg.crop_scale))
+                                    global_scale=tuple(self.cfg.crop_scale),
+                                    augment=self.cfg.augment)
 
     def forward(self, views: list[Tensor]) -> MethodOutput:
         """Symmetric contrastive loss of each view's query against the other view's keys."""
