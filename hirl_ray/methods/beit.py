@@ -31,7 +31,7 @@ from hirl_ray.methods.distributed import (
 from hirl_ray.models.heads import mlp
 from hirl_ray.models.masking import random_block_masks
 from hirl_ray.models.tokenizers import FileTokenizer, KMeansTokenizer, patchify
-from hirl_ray.models.vit import auto_patch_size
+from hirl_ray.models.vit import vit_patch_size
 
 if TYPE_CHECKING:
     from hirl_ray.config import DataConfig, ExperimentConfig
@@ -86,8 +86,7 @@ class BEiTConfig(ProjectorConfig):
         if self.tokenizer != "kmeans":
             return
         size = cfg.data.image_size
-        patch = cfg.model.patch_size or (16 if cfg.model.backbone == "vit_b_16"
-                                         else auto_patch_size(size))
+        patch = vit_patch_size(cfg.model, size)
         patches = cfg.train.batch_size * (size // patch) ** 2
         if self.num_tokens > patches:
             raise ConfigError(f"method.num_tokens ({self.num_tokens}) exceeds the {patches} "

@@ -23,7 +23,7 @@ from hirl_ray.methods.base import (
 from hirl_ray.methods.distributed import all_reduce_sum, world_size
 from hirl_ray.models.dino_head import DINOHead
 from hirl_ray.models.multicrop import forward_by_resolution
-from hirl_ray.models.vit import auto_patch_size
+from hirl_ray.models.vit import vit_patch_size
 from hirl_ray.schedules import cosine_momentum, teacher_temperature
 
 if TYPE_CHECKING:
@@ -87,8 +87,7 @@ def check_crop_sizes(cfg: ExperimentConfig, local_size: int | None) -> None:
         raise ConfigError(f"method.local_crop_size ({local_size}) must be <= data.image_size "
                           f"({cfg.data.image_size}), the global crop side")
     if cfg.model.is_vit:
-        patch = cfg.model.patch_size or (16 if cfg.model.backbone == "vit_b_16"
-                                         else auto_patch_size(cfg.data.image_size))
+        patch = vit_patch_size(cfg.model, cfg.data.image_size)
         if local_size % patch:
             fit = max(patch, local_size // patch * patch)
             raise ConfigError(f"method.local_crop_size ({local_size}) must be a multiple of the "

@@ -16,7 +16,7 @@ from hirl_ray.methods.base import MethodOutput, ProjectorConfig, SSLMethod, regi
 from hirl_ray.methods.distributed import all_reduce_sum, gather_no_grad, rank, world_size
 from hirl_ray.models.heads import mlp
 from hirl_ray.models.multicrop import forward_by_resolution
-from hirl_ray.models.vit import auto_patch_size
+from hirl_ray.models.vit import vit_patch_size
 
 if TYPE_CHECKING:
     from hirl_ray.config import DataConfig, ExperimentConfig
@@ -69,8 +69,7 @@ class SwAVConfig(ProjectorConfig):
             raise ConfigError(f"method.queue_length ({self.queue_length}) must be a multiple of "
                               f"train.batch_size ({cfg.train.batch_size}, global), or 0")
         if cfg.model.is_vit:
-            patch = cfg.model.patch_size or (16 if cfg.model.backbone == "vit_b_16"
-                                             else auto_patch_size(cfg.data.image_size))
+            patch = vit_patch_size(cfg.model, cfg.data.image_size)
             if self.num_local_crops and self.crop_sizes[1] % patch:
                 raise ConfigError(f"method.crop_sizes[1] ({self.crop_sizes[1]}) must be a "
                                   f"multiple of the ViT patch ({patch} px)")

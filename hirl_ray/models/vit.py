@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 from torchvision.ops import stochastic_depth
 
-from hirl_ray.config import ConfigError
+from hirl_ray.config import ConfigError, ModelConfig
 
 
 class ViT(nn.Module):
@@ -120,6 +120,18 @@ class ViT(nn.Module):
 def auto_patch_size(image_size: int) -> int:
     """The small ViT's default patch: an 8×8 grid (4 px at 32 px, 8 at 64, 12 at 96), ≥ 2."""
     return max(2, image_size // 8)
+
+
+def vit_patch_size(cfg: ModelConfig, image_size: int) -> int:
+    """The patch side in pixels the ViT of ``cfg`` gets at ``image_size``.
+
+    ``model.patch_size`` when set, else the builders' default: 16 for ``vit_b_16``,
+    :func:`auto_patch_size` for ``vit_tiny``. For config checks that need the patch grid
+    before a network exists (crop sizes, tokens per batch).
+    """
+    if cfg.patch_size:
+        return cfg.patch_size
+    return 16 if cfg.backbone == "vit_b_16" else auto_patch_size(image_size)
 
 
 def vit_tiny(image_size: int, patch_size: int | None = None, drop_path: float = 0.0) -> ViT:
