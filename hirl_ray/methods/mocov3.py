@@ -20,6 +20,7 @@ from hirl_ray.methods.base import (
     register_method,
 )
 from hirl_ray.methods.distributed import gather_no_grad, rank
+from hirl_ray.models.heads import mlp
 from hirl_ray.models.vit import ViT
 from hirl_ray.schedules import cosine_momentum
 
@@ -65,20 +66,6 @@ class MoCoV3Config(ProjectorConfig):
         if self.freeze_patch_embed and not cfg.model.is_vit:
             raise ConfigError("method.freeze_patch_embed needs a ViT backbone (model.backbone: "
                               f"vit_tiny or vit_b_16), got {cfg.model.backbone}; set it to false")
-
-
-def moco_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
-             last_bn: bool = True) -> nn.Sequential:
-    """Official MoCo v3 ``_build_mlp``: bias-free Linears, BN-ReLU between, non-affine last BN."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        d1, d2 = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
-        layers.append(nn.Linear(d1, d2, bias=False))
-        if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
-        elif last_bn:  # SimCLR's last BN, without γ/β
-            layers.append(nn.BatchNorm1d(d2, affine=False))
-    return nn.Sequential(*layers)
 
 
 def sincos_pos_embed(grid: int, dim: int) -> Tensor:
@@ -129,8 +116,11 @@ class MoCoV3(SSLMethod):
         if cfg.freeze_patch_embed:
             backbone.conv_proj.requires_grad_(False)
         layers = cfg.proj_layers or (3 if vit else 2)
-        self.projector = moco_mlp(layers, feat_dim, cfg.hidden_dim, cfg.proj_dim)
-        self.predictor = moco_mlp(2, cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim, last_bn=vit)
+        # Official _build_mlp: bias-free Linears, BN-ReLU between, a non-affine last BN (the
+        # ResNet predictor has none).
+        self.projector = mlp(feat_dim, cfg.hidden_dim, cfg.proj_dim, layers, last_bn=True)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden_dim, cfg.proj_dim, 2, last_bn=vit,
+                             last_bias=False)
         self.key_backbone = frozen_copy(backbone)
         self.key_projector = frozen_copy(self.projector)
 
