@@ -1,7 +1,8 @@
 """Evaluation on frozen features: extraction, the protocols (one file each), the runner.
 
 Built-in protocols, registered on import: ``knn`` (:mod:`~hirl_ray.eval.knn`), ``clustering``
-(:mod:`~hirl_ray.eval.clustering`), ``consistency`` (:mod:`~hirl_ray.eval.consistency`). A new
+(:mod:`~hirl_ray.eval.clustering`), ``consistency`` (:mod:`~hirl_ray.eval.consistency`),
+``label_free`` (:mod:`~hirl_ray.eval.label_free`), ``linear``, ``finetune``, ``semisup``. A new
 protocol is one file here: see :mod:`hirl_ray.eval.protocol`.
 
 Pure PyTorch / numpy / faiss / scikit-learn; nothing here imports ``ray``. Importing the

@@ -284,6 +284,7 @@ def run_checkpoint_evaluation(
         backbone, train_loader, test_loader, train.labels, test.labels, train.level_names,
         device=device, seed=cfg.train.seed, hierarchy=hierarchy,
         extra={"encoder": fresh_backbone, "feat_dim": feat_dim,
+               "cluster_sizes": tuple(trained.hirl.num_clusters),
                "train_images": train_images, "test_images": test_images})
     metrics = run_grouped(cfg.eval.protocols, inputs, cfg.eval.params)
     return CheckpointEvaluation(path, LAYOUT.run_of_checkpoint(path), cfg, metrics, inputs,

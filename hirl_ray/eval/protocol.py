@@ -155,6 +155,8 @@ class EvalInputs:
             transform's (un-augmented, normalised) ``(3, H, W)`` tensor and the row of
             ``train_labels`` it belongs to.
         test_images: The test split, likewise (rows of ``test_labels``).
+        cluster_sizes: The run's ``hirl.num_clusters`` (label-free criteria score the trial's
+            own sizes when no tree exists yet).
     """
 
     train_labels: np.ndarray
@@ -168,6 +170,7 @@ class EvalInputs:
     feat_dim: int | None = None
     train_images: Dataset | None = None
     test_images: Dataset | None = None
+    cluster_sizes: tuple[int, ...] = ()
     _cache: dict[str, tuple[Tensor, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 

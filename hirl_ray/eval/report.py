@@ -43,6 +43,7 @@ def run_evaluation(
     device: torch.device | str = "cpu",
     seed: int = 0,
     hierarchy: PrototypeHierarchy | None = None,
+    cluster_sizes: Sequence[int] = (),
 ) -> dict[str, float]:
     """Evaluate ``embed`` with every protocol in ``cfg.protocols``.
 
@@ -58,12 +59,14 @@ def run_evaluation(
         device: Where ``embed`` runs; features are kept on CPU.
         seed: Seed of the protocols' random draws (k-means).
         hierarchy: The run's prototype tree, for the ``consistency`` protocol.
+        cluster_sizes: The run's ``hirl.num_clusters``, for the ``label_free`` protocol.
 
     Returns:
         Flat ``{key: value}`` metrics of all protocols (e.g. ``knn_acc/superclass``).
     """
     inputs = build_inputs(embed, train_loader, test_loader, train_labels, test_labels,
-                          level_names, device, seed, hierarchy)
+                          level_names, device, seed, hierarchy,
+                          extra={"cluster_sizes": tuple(cluster_sizes)})
     return run_protocols(cfg.protocols, inputs, cfg.params)
 
 

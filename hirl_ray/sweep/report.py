@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 from hirl_ray.logs import get_logger, redact_text
 from hirl_ray.runs import LAYOUT
 from hirl_ray.sweep import plots
-from hirl_ray.sweep.space import LABEL_FREE_METRIC, TuneConfig
+from hirl_ray.sweep.space import LABEL_FREE_METRICS, TuneConfig
 from hirl_ray.sweep.sweep import load_sweep
 from hirl_ray.sweep.tree import prototype_tree
 
@@ -131,14 +131,14 @@ def write_report(sweep_dir: str | Path) -> Path:
     if len(full) and metric in full:
         facts["full-budget trials"] = f"{metric} from {full[metric].min():.4f} to " \
                                       f"{full[metric].max():.4f} over {len(full)} trials"
-    # Does the label-free metric rank trials like kNN does? (the optimised kNN level if any)
+    # Do the label-free criteria rank trials like kNN does? (the optimised kNN level if any)
     knn = [m for m in spec.metrics if m.startswith("knn_acc/")] or \
-        [c for c in table.columns if c.startswith("knn_acc/")]
-    if LABEL_FREE_METRIC in table.columns and knn:
-        rho = spearmanr(table[LABEL_FREE_METRIC], table[knn[0]], nan_policy="omit").statistic
-        facts["label-free vs kNN"] = f"Spearman rho({LABEL_FREE_METRIC}, {knn[0]}) = " \
-                                     f"{rho:.2f} over {len(table)} trials" \
-            if np.isfinite(rho) else "n/a"
+        [c for c in table.columns if c.startswith("knn_acc/")][:1]
+    if knn:
+        for criterion in (c for c in LABEL_FREE_METRICS if c in table.columns):
+            rho = spearmanr(table[criterion], table[knn[0]], nan_policy="omit").statistic
+            facts[f"{criterion} vs kNN"] = (f"Spearman rho = {rho:.2f} against {knn[0]} over "
+                                            f"{len(table)} trials" if np.isfinite(rho) else "n/a")
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(redact_text(str(v)))}</td></tr>"
                    for k, v in facts.items())
     shown = [c for c in table.columns if c not in ("checkpoint", "started", "finished")]

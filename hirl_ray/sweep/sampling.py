@@ -18,7 +18,14 @@ import numpy as np
 from hirl_ray.config import SECTIONS, ConfigError, ExperimentConfig, load_config
 from hirl_ray.eval.protocol import level_metric_prefixes
 from hirl_ray.runs import LAYOUT
-from hirl_ray.sweep.space import LABEL_FREE_METRIC, WALL_TIME_METRIC, Choice, Dist, TuneConfig
+from hirl_ray.sweep.space import (
+    LABEL_FREE_METRIC,
+    LABEL_FREE_METRICS,
+    WALL_TIME_METRIC,
+    Choice,
+    Dist,
+    TuneConfig,
+)
 
 #: ``tune.space.params`` entries resolved against the experiment: ``(config key, distribution)``.
 Params = tuple[tuple[str, Dist], ...]
@@ -151,13 +158,17 @@ def grid_points(spec: TuneConfig, params: Params) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
-def fixed_overrides(spec: TuneConfig, sweep_dir: str, trial_id: str) -> dict[str, Any]:
+def fixed_overrides(spec: TuneConfig, sweep_dir: str, trial_id: str,
+                    protocols: Sequence[str]) -> dict[str, Any]:
     """Overrides every trial gets: its own run folder, resources, per-epoch evaluation.
 
-    ``eval.every_epochs=1`` because ASHA needs the metric after every epoch.
+    ``eval.every_epochs=1`` because ASHA needs the metric after every epoch; ``protocols``
+    (the base experiment's ``eval.protocols``) gain ``label_free``, so every trial reports
+    every label-free criterion, whichever metric the sweep optimises (the report ranks them).
     """
     r = spec.resources
-    return {"storage.path": str(LAYOUT.trials_dir(sweep_dir)), "storage.name": trial_id,
+    return {"eval.protocols": list(dict.fromkeys((*protocols, "label_free"))),
+            "storage.path": str(LAYOUT.trials_dir(sweep_dir)), "storage.name": trial_id,
             "train.num_workers": r.workers_per_trial, "train.cpus_per_worker": r.cpus_per_worker,
             "train.use_gpu": r.gpus_per_worker > 0, "eval.every_epochs": 1,
             **({"train.gpus_per_worker": r.gpus_per_worker} if r.gpus_per_worker > 0 else {}),
@@ -207,18 +218,19 @@ def check_against(spec: TuneConfig, params: Params, cfg: ExperimentConfig, num_s
     produced = level_metric_prefixes(cfg.eval.protocols, cfg.eval.params)
     for m in spec.metrics:
         prefix, _, level = m.partition("/")
-        if m not in (LABEL_FREE_METRIC, WALL_TIME_METRIC) and prefix not in produced:
+        if m not in (*LABEL_FREE_METRICS, WALL_TIME_METRIC) and prefix not in produced:
             raise ConfigError(f"tune.metric {m!r}: no protocol in eval.protocols "
                               f"({', '.join(cfg.eval.protocols)}) reports {prefix}/<level>; "
                               f"they report {', '.join(produced)}")
         if prefix in produced and level not in level_names:
-            have = ", ".join(level_names) or "none (unlabelled data: use label_free/silhouette)"
+            have = ", ".join(level_names) or f"none (unlabelled data: use {LABEL_FREE_METRIC})"
             raise ConfigError(f"tune.metric {m!r}: no label level {level!r}; levels: {have}")
         j = list(level_names).index(level) if prefix in produced else -1
         if classes is not None and 0 <= j < len(classes) and classes[j] < 2:
             raise ConfigError(f"tune.metric {m!r}: label level {level!r} has a single class, so "
                               f"every trial scores the same; use {LABEL_FREE_METRIC}")
-    base = {"hirl.enabled": True, **fixed_overrides(spec, cfg.storage.path, "check")}
+    base = {"hirl.enabled": True,
+            **fixed_overrides(spec, cfg.storage.path, "check", cfg.eval.protocols)}
     warmups = [cfg.hirl.warmup_epochs]
     for where, point in _corners(spec, params):
         overrides = {**base, **trial_overrides(spec, point)}

@@ -121,7 +121,8 @@ def run_sweep(spec: TuneConfig, params: Params, sweep_dir: Path, base: dict[str,
     if given:  # one trial must fit on the cluster we joined (a local Ray was checked before)
         from hirl_ray.train.ray_fit import wait_for_resources
 
-        trial = from_dict(base, fixed_overrides(spec, str(sweep_dir), "check"))
+        trial = from_dict(base, fixed_overrides(spec, str(sweep_dir), "check",
+                                                from_dict(base).eval.protocols))
         wait_for_resources(resource_bundles(trial), trial.train.resource_timeout_s)
     experiment = LAYOUT.tune_dir(sweep_dir)
     trainable = _trainable(spec, sweep_dir, base, num_samples)

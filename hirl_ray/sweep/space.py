@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hirl_ray.config import ConfigError, ExperimentConfig, build, register_section
+from hirl_ray.eval.label_free import criterion_metrics
 from hirl_ray.eval.protocol import level_metric_prefixes
 
 TUNE_SECTION = "tune"
+#: Every label-free criterion a sweep can optimise (``label_free/<criterion>``); each trial
+#: reports all of them every epoch (the sweep adds the ``label_free`` protocol).
+LABEL_FREE_METRICS = criterion_metrics()
+#: The one the README recommends for unlabelled data (experiments/labelfree/ calibration).
 LABEL_FREE_METRIC = "label_free/silhouette"
 WALL_TIME_METRIC = "time_total_s"
 MODES = ("min", "max")
@@ -274,8 +279,10 @@ class TuneConfig:
         # keys, for one): sampling.check_against, which sees the whole experiment.
         for m in metrics:
             prefix, _, level = m.partition("/")
-            if not (m in (LABEL_FREE_METRIC, WALL_TIME_METRIC)
-                    or (prefix and level and "/" not in level)):
+            if prefix == "label_free" and m not in LABEL_FREE_METRICS:
+                raise ConfigError(f"{where}.metric: unknown label-free criterion {m!r}; use one "
+                                  f"of {', '.join(LABEL_FREE_METRICS)}")
+            if not (m == WALL_TIME_METRIC or (prefix and level and "/" not in level)):
                 raise ConfigError(f"{where}.metric: unknown metric {m!r}; use "
                                   f"<{'|'.join(level_metric_prefixes())}>/<label level>, "
                                   f"{LABEL_FREE_METRIC} or {WALL_TIME_METRIC}")

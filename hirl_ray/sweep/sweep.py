@@ -85,7 +85,8 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
     facts = inspect_data(cfg)
     num_samples, level_names = facts.num_samples, facts.level_names
     check_against(spec, params, cfg, num_samples, level_names, facts.classes)
-    check_local_resources(load_config(cfg, fixed_overrides(spec, cfg.storage.path, "check")),
+    check_local_resources(load_config(cfg, fixed_overrides(spec, cfg.storage.path, "check",
+                                                          cfg.eval.protocols)),
                           TRIAL_RESOURCE_KEYS)
     sweep_dir = Path(storage.resolve(cfg.run_dir))
     started = LAYOUT.tune_dir(sweep_dir).exists()

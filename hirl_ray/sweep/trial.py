@@ -5,7 +5,9 @@ Train V2 + Tune (ray PR #49927): a Tune *function* builds the trial's experiment
 controller forwards rank 0's per-epoch metrics to Tune, where ASHA sees them. Two of our own
 additions:
 
-* :class:`ReportToTune` also adds the label-free metric and the checkpoint path to each report.
+* Every trial runs the ``label_free`` evaluation protocol each epoch on rank 0 (its criteria
+  need no labels; :func:`hirl_ray.sweep.sampling.fixed_overrides` adds it), so any of them can
+  be the sweep's metric and the report can rank them all against kNN where labels exist.
 * A Tune-stopped Train V2 trial may keep its placement group (ray #54305; Ray's own cleaner needs
   the dashboard's State API and dies without it): :class:`RecordPlacementGroup` writes the run's
   placement group id into the trial folder and :class:`FreeStoppedTrials` removes it on the
@@ -33,43 +35,6 @@ from hirl_ray.train import ray_compat
 from hirl_ray.train.checkpoint import latest_checkpoint, newest_checkpoint_config, read_meta
 
 log = get_logger(__name__)
-
-
-class ReportToTune(TuneReportCallback):
-    """Tune's report callback plus ``label_free/silhouette`` and ``checkpoint_path``.
-
-    Runs on the Train controller after every ``ray.train.report``; only rank 0's metrics reach
-    Tune (ray PR #49927), which is the rank that evaluates.
-    """
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__()
-        self._config = config
-        self._scorer: Any = None
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        metrics = [dict(m) for m in metrics]
-        if checkpoint is not None:
-            # Always computed (cheap: k-means on the held-out split) so the report can show it
-            # next to kNN, whichever metric the sweep optimises.
-            metrics[0].update(score_label_free(self._config, checkpoint.path, self))
-        super().after_report(run_context, metrics, checkpoint)
-
-
-def score_label_free(config: dict[str, Any], checkpoint: str, holder: Any = None
-                     ) -> dict[str, float]:
-    """``label_free/silhouette`` of a checkpoint (the scorer is cached on ``holder``)."""
-    import torch
-
-    from hirl_ray.eval.label_free import LabelFreeScorer
-
-    torch.set_num_threads(1)  # the Train controller reserves no CPU of its own
-    scorer = getattr(holder, "_scorer", None)
-    if scorer is None:
-        scorer = LabelFreeScorer(from_dict(config))
-        if holder is not None:
-            holder._scorer = scorer
-    return scorer(checkpoint)
 
 
 class RecordPlacementGroup(ray_compat.worker_group_callback_base()):
@@ -131,7 +96,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneConfig,
     console()  # this process is a Tune worker: show our lines through Ray's log forwarding
     params = params.get("grid_point", params)  # the grid searcher nests its point
     trial_id = ray.tune.get_context().get_trial_id()
-    overrides = {**trial_overrides(spec, params), **fixed_overrides(spec, sweep_dir, trial_id)}
+    protocols = from_dict(base).eval.protocols
+    overrides = {**trial_overrides(spec, params),
+                 **fixed_overrides(spec, sweep_dir, trial_id, protocols)}
     cfg = from_dict(base, overrides)
     # Local: sweeps refuse remote storage up front.
     run_dir = prepare_run(cfg, newest_checkpoint_config)
@@ -140,8 +107,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], spec: TuneConfig,
     done = latest_checkpoint(run_dir)
     if done is not None and read_meta(done).epoch >= cfg.train.epochs:
         # Finished before an interruption but Tune never heard: report its last epoch.
-        ray.tune.report({**read_meta(done).metrics, "checkpoint_path": str(done),
-                         **score_label_free(cfg.to_dict(), str(done))})
+        ray.tune.report({**read_meta(done).metrics, "checkpoint_path": str(done)})
         return
     train_on_ray(cfg, run_dir, num_samples,
-                 callbacks=[ReportToTune(cfg.to_dict()), RecordPlacementGroup(run_dir)])
+                 callbacks=[TuneReportCallback(), RecordPlacementGroup(run_dir)])

@@ -230,4 +230,5 @@ def online_eval(run: WorkerRun, inputs: dict[str, Any]) -> dict[str, float]:
     frozen = tuple(p for p in run.cfg.eval.protocols if not PROTOCOLS.get(p).needs_backbone)
     eval_cfg = dataclasses.replace(run.cfg.eval, protocols=frozen)
     return run_evaluation(unwrap(run.ddp).embed, eval_cfg, device=run.device,
-                          seed=run.cfg.train.seed, hierarchy=hierarchy, **inputs)
+                          seed=run.cfg.train.seed, hierarchy=hierarchy,
+                          cluster_sizes=run.cfg.hirl.num_clusters, **inputs)

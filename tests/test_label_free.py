@@ -1,0 +1,171 @@
+"""Label-free criteria (RankMe, alpha-ReQ, silhouette, stability, tree-kNN) on known cases, the
+``label_free`` protocol, and their wiring as ``tune.metric`` (no Ray here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hirl_ray.config import ConfigError, load_config
+from hirl_ray.eval.label_free import (
+    CRITERIA,
+    alpha_req,
+    cluster_stability,
+    eigenspectrum_decay,
+    hierarchy_silhouette,
+    rankme,
+    tree_knn_agreement,
+)
+from hirl_ray.eval.protocol import EvalInputs, run_protocols
+from hirl_ray.hierarchy.kmeans import PrototypeHierarchy
+from hirl_ray.sweep.sampling import check_against, fixed_overrides, search_params
+from hirl_ray.sweep.space import LABEL_FREE_METRICS, parse_tune_spec
+
+torch.set_num_threads(1)
+
+
+def planted_tree(n: int = 600, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features of a 2-level tree: 4 super-clusters of 3 clusters each; labels ``(N, 2)``."""
+    rng = np.random.default_rng(seed)
+    top = rng.normal(size=(4, dim)) * 3
+    fine = np.repeat(top, 3, axis=0) + rng.normal(size=(12, dim)) * 1.5
+    y = rng.integers(12, size=n)
+    return fine[y] + 0.5 * rng.normal(size=(n, dim)), np.stack([y, y // 3], axis=1)
+
+
+def collapsed(n: int = 600, dim: int = 32) -> np.ndarray:
+    return np.ones((n, dim))
+
+
+def test_rankme_of_a_rank_r_matrix_is_r_and_collapse_is_one():
+    rng = np.random.default_rng(0)
+    for r in (1, 5, 20):
+        u, _ = np.linalg.qr(rng.normal(size=(400, r)))
+        v, _ = np.linalg.qr(rng.normal(size=(64, r)))
+        assert rankme(u @ v.T) == pytest.approx(r, rel=0.02)  # equal singular values
+        gaussian_rank_r = rng.normal(size=(400, r)) @ rng.normal(size=(r, 64))
+        assert 0.7 * r <= rankme(gaussian_rank_r) <= r * 1.001
+    assert rankme(collapsed()) == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_alpha_recovers_a_planted_power_law_and_alpha_req_prefers_one(alpha):
+    rng = np.random.default_rng(1)
+    spectrum = np.arange(1, 33, dtype=float) ** -alpha
+    x = rng.normal(size=(20000, 32)) * np.sqrt(spectrum)
+    assert eigenspectrum_decay(x) == pytest.approx(alpha, abs=0.1)
+    ones = rng.normal(size=(20000, 32)) * np.sqrt(np.arange(1, 33, dtype=float) ** -1.0)
+    if alpha != 1.0:
+        assert alpha_req(ones) > alpha_req(x)
+
+
+def test_stability_prefers_the_true_number_of_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16)) * 4
+    x = np.concatenate([c + 0.3 * rng.normal(size=(40, 16)) for c in centres])
+    right = cluster_stability(x, [6])
+    assert right > 0.9 and right > cluster_stability(x, [17]) + 0.1
+    tree, _ = planted_tree()
+    assert cluster_stability(tree, [12, 4]) > cluster_stability(tree, [40, 13]) + 0.05
+
+
+def test_tree_knn_agreement_is_one_for_the_true_tree_and_chance_for_a_random_one():
+    x, y = planted_tree()
+    assert tree_knn_agreement(x, [y[:, 0], y[:, 1]]) > 0.95
+    rng = np.random.default_rng(0)
+    shuffled = [rng.permutation(y[:, 0]), rng.permutation(y[:, 1])]
+    assert abs(tree_knn_agreement(x, shuffled)) < 0.1
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_a_collapsed_encoder_scores_lowest(criterion):
+    x, y = planted_tree()
+    noise = np.random.default_rng(2).normal(size=x.shape)
+    score = {
+        "rankme": rankme, "alpha_req": alpha_req,
+        "silhouette": lambda f: hierarchy_silhouette(f, [12, 4]),
+        "stability": lambda f: cluster_stability(f, [12, 4]),
+        "tree_knn": lambda f: tree_knn_agreement(f, [y[:, 0], y[:, 1]]),
+    }[criterion]
+    low = score(collapsed())
+    assert np.isfinite(low)
+    assert low < score(x) and low <= score(noise)
+
+
+def test_a_random_encoder_scores_below_the_structured_features_where_it_should():
+    """A random CNN's features of structured images have structure of their own, but less than
+    features that separate the planted clusters: every clustering criterion says so."""
+    x, y = planted_tree()
+    images = torch.from_numpy(np.random.default_rng(3).normal(size=(600, 3, 16, 16))).float()
+    torch.manual_seed(0)
+    random_net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                     torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    with torch.no_grad():
+        r = random_net(images).numpy()
+    assert hierarchy_silhouette(r, [12, 4]) < hierarchy_silhouette(x, [12, 4])
+    assert cluster_stability(r, [12, 4]) < cluster_stability(x, [12, 4])
+    assert tree_knn_agreement(r, [y[:, 0], y[:, 1]]) < 0.1
+
+
+def _hierarchy(y: np.ndarray) -> PrototypeHierarchy:
+    a0 = torch.from_numpy(y[:, 0])
+    parents = torch.arange(12) // 3
+    return PrototypeHierarchy(version=1, centroids=(torch.eye(12), torch.eye(12)[:4]),
+                              parents=(parents,), assignments=(a0, parents[a0]),
+                              densities=(torch.ones(12), torch.ones(4)))
+
+
+def _unlabelled_inputs(x: np.ndarray, **kw) -> EvalInputs:
+    feats = torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1)
+    return EvalInputs(np.zeros((len(x), 0)), np.zeros((len(x), 0)), (),
+                      source=lambda split: (feats, np.ones(len(x), dtype=bool)), **kw)
+
+
+def test_the_protocol_scores_unlabelled_data_with_the_runs_sizes_or_its_tree():
+    x, y = planted_tree()
+    before = run_protocols(["label_free"], _unlabelled_inputs(x, cluster_sizes=(12, 4)))
+    assert set(before) == {*LABEL_FREE_METRICS, "label_free/alpha"}
+    assert before["label_free/tree_knn"] == 0.0  # no tree yet: chance
+    assert before["label_free/stability"] > 0.8 and before["label_free/silhouette"] > 0.5
+    with_tree = run_protocols(["label_free"], _unlabelled_inputs(x, hierarchy=_hierarchy(y)))
+    assert with_tree["label_free/tree_knn"] > 0.95
+    assert with_tree["label_free/stability"] == pytest.approx(before["label_free/stability"])
+    cfg = load_config(None, {"eval.protocols": ["label_free"],
+                             "eval.params.label_free.criteria": ["rankme"]})
+    only = run_protocols(cfg.eval.protocols, _unlabelled_inputs(x), cfg.eval.params)
+    assert set(only) == {"label_free/rankme"}
+
+
+def test_bad_protocol_settings_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="eval.params.label_free.criteria"):
+        load_config(None, {"eval.protocols": ["label_free"],
+                           "eval.params.label_free.criteria": ["rank_me"]})
+    with pytest.raises(ConfigError, match="stability_fraction"):
+        load_config(None, {"eval.protocols": ["label_free"],
+                           "eval.params.label_free.stability_fraction": 1.0})
+
+
+def _tune(metric: str) -> dict:
+    return {"metric": metric, "num_trials": 2, "scheduler": {"name": "fifo"},
+            "space": {"depth": {"min": 1, "max": 2}, "level0_clusters": {"min": 4, "max": 8}}}
+
+
+def test_every_criterion_is_a_valid_tune_metric_and_an_unknown_one_is_refused():
+    for m in LABEL_FREE_METRICS:
+        assert parse_tune_spec(_tune(m)).primary_metric == m
+    with pytest.raises(ConfigError, match="unknown label-free criterion 'label_free/rank_me'"):
+        parse_tune_spec(_tune("label_free/rank_me"))
+
+
+def test_a_label_free_sweep_needs_no_labels_and_every_trial_reports_every_criterion():
+    cfg = load_config(None, {"eval.protocols": ["knn"], "train.epochs": 4,
+                             "hirl.warmup_epochs": 1})
+    spec = parse_tune_spec(_tune("label_free/stability"))
+    # Unlabelled data: no label levels, yet the label-free metric passes the checks.
+    check_against(spec, search_params(spec, cfg), cfg, 500, [], None)
+    assert fixed_overrides(spec, "/tmp/s", "t", cfg.eval.protocols)["eval.protocols"] == \
+        ["knn", "label_free"]
+    with pytest.raises(ConfigError, match="no label level"):
+        check_against(parse_tune_spec(_tune("knn_acc/class")), search_params(spec, cfg), cfg,
+                      500, [], None)
