@@ -426,11 +426,31 @@ def test_a_local_ray_is_started_on_a_chosen_port_that_its_processes_are_told():
     start = plan_ray_start({}, 6123, num_cpus=2, dashboard=False)
     assert start.local and start.kwargs["address"] == "local"
     assert start.env == {"RAY_GCS_SERVER_PORT": "6123"}
-    assert start.kwargs["runtime_env"] == {"env_vars": {"RAY_ADDRESS": "127.0.0.1:6123"}}
+    assert start.kwargs["runtime_env"] == {
+        "env_vars": {"RAY_ADDRESS": "127.0.0.1:6123"},
+        "worker_process_setup_hook": "hirl_ray.train.ray_cluster.quiet_without_state_api"}
     assert start.kwargs["num_cpus"] == 2 and start.kwargs["include_dashboard"] is False
+    assert "worker_process_setup_hook" not in plan_ray_start({}, 6123).kwargs["runtime_env"]
     # A port the user fixed wins.
     assert plan_ray_start({"RAY_GCS_SERVER_PORT": "7000"}, 6123).env["RAY_GCS_SERVER_PORT"] \
         == "7000"
+
+
+def test_without_a_dashboard_workers_drop_only_the_cleaners_state_api_warning(caplog):
+    import logging
+
+    from hirl_ray.train import ray_cluster
+
+    ray_cluster.quiet_without_state_api()
+    ray_cluster.quiet_without_state_api()  # idempotent: one filter
+    logger = logging.getLogger(ray_cluster._CLEANER_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=ray_cluster._CLEANER_LOGGER):
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be "
+                       "temporarily unavailable. Continuing to monitor.")
+        logger.warning("Failed to remove placement group abc")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group abc"]
+    logger.filters.clear()
 
 
 def test_a_given_cluster_is_joined_by_its_address_without_a_local_start():

@@ -9,6 +9,12 @@ the console with ``ConnectionError: Found multiple active Ray instances``. So a 
 is joined by its address, and a local Ray is started on a GCS port chosen here, with
 ``RAY_ADDRESS`` naming it in the environment of every task and actor of the job (the job's
 ``runtime_env``), so that Ray's own helpers find it too.
+
+Without the dashboard (``HIRL_RAY_DASHBOARD=0``) there is no State API at all, and the same
+cleaner warns that it "Failed to query Ray Train Controller actor state" every few seconds for
+the whole run; a ``worker_process_setup_hook`` (:func:`quiet_without_state_api`) drops exactly
+that line in every worker of the job. Stopped trials' placement groups are freed by
+:class:`hirl_ray.sweep.trial.FreeStoppedTrials` instead.
 """
 
 from __future__ import annotations
@@ -22,6 +28,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+
+#: Ray Train's placement-group cleaner, and the warning it repeats without a State API.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
+
+
+class _DropCleanerWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_CLEANER_WARNING)
+
+
+def quiet_without_state_api() -> None:
+    """Worker setup hook (no dashboard): drop the cleaner's repeated State API warning."""
+    logger = logging.getLogger(_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropCleanerWarning) for f in logger.filters):
+        logger.addFilter(_DropCleanerWarning())
+
 
 #: Read by Ray's head node when it starts its GCS server (``ray._private.node``).
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
@@ -57,8 +80,12 @@ def plan_ray_start(environ: Mapping[str, str], gcs_port: int, *, num_cpus: int |
     if given:
         return RayStart({"address": given, **common})
     port = int(environ.get(GCS_PORT_ENV) or gcs_port)
+    runtime_env: dict[str, Any] = {"env_vars": {ADDRESS_ENV: f"127.0.0.1:{port}"}}
+    if not dashboard:
+        runtime_env["worker_process_setup_hook"] = \
+            f"{quiet_without_state_api.__module__}.{quiet_without_state_api.__name__}"
     kwargs = {"address": "local", **common, "num_cpus": num_cpus, "include_dashboard": dashboard,
-              "runtime_env": {"env_vars": {ADDRESS_ENV: f"127.0.0.1:{port}"}}}
+              "runtime_env": runtime_env}
     if dashboard_host is not None:
         kwargs["dashboard_host"] = dashboard_host
     return RayStart(kwargs, {GCS_PORT_ENV: str(port)})
