@@ -164,8 +164,11 @@ def test_a_label_free_sweep_needs_no_labels_and_every_trial_reports_every_criter
     spec = parse_tune_spec(_tune("label_free/stability"))
     # Unlabelled data: no label levels, yet the label-free metric passes the checks.
     check_against(spec, search_params(spec, cfg), cfg, 500, [], None)
-    assert fixed_overrides(spec, "/tmp/s", "t", cfg.eval.protocols)["eval.protocols"] == \
-        ["knn", "label_free"]
+    fixed = fixed_overrides(spec, "/tmp/s", "t", cfg.eval.protocols)
+    assert fixed["eval.protocols"] == ["knn", "label_free"]
+    # Each trial keeps its best checkpoint by the sweep's metric.
+    assert (fixed["storage.best_metric"], fixed["storage.best_mode"]) == \
+        ("label_free/stability", "max")
     with pytest.raises(ConfigError, match="no label level"):
         check_against(parse_tune_spec(_tune("knn_acc/class")), search_params(spec, cfg), cfg,
                       500, [], None)

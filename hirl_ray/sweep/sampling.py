@@ -165,9 +165,13 @@ def fixed_overrides(spec: TuneConfig, sweep_dir: str, trial_id: str,
     ``eval.every_epochs=1`` because ASHA needs the metric after every epoch; ``protocols``
     (the base experiment's ``eval.protocols``) gain ``label_free``, so every trial reports
     every label-free criterion, whichever metric the sweep optimises (the report ranks them).
+    A trial that keeps only its last checkpoints (``storage.keep_checkpoints``) also keeps its
+    best one by the sweep's first metric.
     """
     r = spec.resources
-    return {"eval.protocols": list(dict.fromkeys((*protocols, "label_free"))),
+    best = ({"storage.best_metric": spec.primary_metric, "storage.best_mode": spec.primary_mode}
+            if spec.primary_metric != WALL_TIME_METRIC else {})
+    return {**best,"eval.protocols": list(dict.fromkeys((*protocols, "label_free"))),
             "storage.path": str(LAYOUT.trials_dir(sweep_dir)), "storage.name": trial_id,
             "train.num_workers": r.workers_per_trial, "train.cpus_per_worker": r.cpus_per_worker,
             "train.use_gpu": r.gpus_per_worker > 0, "eval.every_epochs": 1,
