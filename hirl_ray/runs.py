@@ -64,6 +64,7 @@ class RunLayout:
     hierarchy: str = "hierarchy"
     params: str = "params.json"
     placement_group: str = "placement_group.txt"
+    stopped: str = "stopped.json"
     sweep: str = "sweep.json"
     optuna_db: str = "optuna.db"
     tune: str = "tune"
@@ -95,6 +96,10 @@ class RunLayout:
 
     def placement_group_file(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.placement_group)
+
+    def stopped_file(self, run_dir: str | Path) -> str:
+        """Why the workers stopped a run on purpose (``train.on_nan``), for the driver."""
+        return storage.join(run_dir, self.stopped)
 
     def run_of_checkpoint(self, checkpoint: str | Path) -> str | None:
         """The run folder of ``<run>/train/epoch_NNNN``; ``None`` for a folder elsewhere."""

@@ -84,3 +84,37 @@ def test_workers_follow_hirl_embedding(tmp_path):
     head_in = [v.shape[1] for k, v in state.items() if k.startswith("heads.0.") and v.ndim == 2]
     assert head_in[0] == h.dim
     assert h.dim != 32
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_nan_stop_is_not_retried_even_with_max_failures(tmp_path):
+    """train.on_nan=stop is a decision, not a crash: Ray Train must not restart the workers
+    into the same NaN (max_failures retries every worker error)."""
+    from hirl_ray.config import load_config
+    from hirl_ray.runs import check_data, prepare_run
+    from hirl_ray.train import ray_compat
+    from hirl_ray.train.checkpoint import newest_checkpoint_config
+    from hirl_ray.train.numerics import NonFiniteError
+    from hirl_ray.train.ray_fit import train_on_ray
+
+    class CountStarts(ray_compat.worker_group_callback_base()):
+        """On the Train controller (pickled by value): a line per worker-group start."""
+
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_worker_group_start(self, worker_group) -> None:
+            with open(self.path, "a") as f:
+                f.write("start\n")
+
+    counter = CountStarts(str(tmp_path / "starts.txt"))
+    # lr 1e30: the first SGD step sends the weights to inf, the next loss is NaN.
+    cfg = load_config(None, tiny_config(tmp_path, **{
+        "train.lr": 1e30, "train.max_failures": 2, "train.on_nan": "stop",
+        "train.num_workers": 1, "hirl.enabled": False}))
+    run_dir = prepare_run(cfg, newest_checkpoint_config)
+    with pytest.raises(NonFiniteError, match=r"train.on_nan=stop"):
+        train_on_ray(cfg, run_dir, check_data(cfg), callbacks=[counter])
+    assert (tmp_path / "starts.txt").read_text().splitlines() == ["start"]
+    assert find_checkpoints(run_dir) == []

@@ -30,6 +30,7 @@ from hirl_ray.resources import ray_given, resource_bundles
 from hirl_ray.runs import LAYOUT, FitResult
 from hirl_ray.train.checkpoint import latest_good_checkpoint, read_meta
 from hirl_ray.train.interrupt import Interrupted, StopRequest, run_in_thread
+from hirl_ray.train.numerics import NonFiniteError
 from hirl_ray.train.ray_cluster import connect
 from hirl_ray.train.ray_stop import start_stop_flag
 from hirl_ray.train.ray_worker import train_worker, worker_config
@@ -146,12 +147,16 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             # epoch says what matters.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+    stopped_file = LAYOUT.stopped_file(run_dir)
+    storage.delete_file(stopped_file)  # a stop of an earlier attempt (the user has fixed it since)
     try:
         if actor is not None:
             _say_actor_faiss(actor)
         if actor is not None and rebuild_memory is not None and os.environ.get("RAY_ADDRESS"):
             check_actor_node_memory(actor, rebuild_memory)
         trainer.fit()
+        if storage.exists(stopped_file):  # train.on_nan: the workers stopped, nothing to retry
+            raise NonFiniteError(json.loads(storage.read_text(stopped_file))["message"])
     except ray.train.TrainingFailedError as e:
         stopped = policy_stop(e)
         if stopped is None:

@@ -9,6 +9,7 @@ rebuilds, checkpoint + report) below.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from typing import Any
 
@@ -18,6 +19,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import build_dataset
 from hirl_ray.eval.features import eval_mode, extract_features
@@ -36,6 +38,7 @@ from hirl_ray.train.checkpoint import (
 )
 from hirl_ray.train.interrupt import run_epochs
 from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_rebuild_epoch, unwrap
+from hirl_ray.train.numerics import NonFiniteError
 from hirl_ray.train.ray_compat import quiet_train_report_logger
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
 from hirl_ray.train.ray_stop import stop_poll
@@ -101,7 +104,15 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
 
     # Ray 7: SIGINT/SIGTERM on the driver stops every rank after the epoch's checkpoint.
     stop = stop_poll(worker_cfg.get("stop_flag"), rank, dist_agree(device))
-    done = run_epochs(plan.epoch, cfg.train.epochs, one_epoch, stop)
+    try:
+        done = run_epochs(plan.epoch, cfg.train.epochs, one_epoch, stop)
+    except NonFiniteError as e:
+        # Every rank raises it at the same step (the counters are agreed), so every rank can
+        # return: a worker error would make Ray retry (train.max_failures) into the same NaN.
+        if rank == 0:
+            storage.write_text(LAYOUT.stopped_file(worker_cfg["run_dir"]),
+                               json.dumps({"error": type(e).__name__, "message": e.summary}))
+        return
     if rank == 0 and done < cfg.train.epochs:
         log.info("stopping after epoch %d/%d as asked; its checkpoint is saved", done,
                  cfg.train.epochs)
