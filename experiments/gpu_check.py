@@ -5,11 +5,13 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
 1. ``amp_steps`` — a few AMP (fp16 autocast + GradScaler) training steps of every method (its
    ``experiments/small`` preset and views) with the semantic-path loss on, on CUDA: finite
    losses, steps/s.
-2. ``path_loss`` — the semantic-path loss on CUDA under autocast against a float64 re-statement of
+2. ``host_syncs`` — host-device synchronisations per training step of every method (PyTorch's
+   CUDA sync debug mode, an epoch of 2n steps minus one of n), fp32 and AMP: none per step in fp32.
+3. ``path_loss`` — the semantic-path loss on CUDA under autocast against a float64 re-statement of
    HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
-3. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
+4. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
    features: NMI of the assignments per level (faiss-gpu differs run to run, so no bit equality).
-4. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
+5. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
    the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -35,47 +38,115 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "bench" / "results" / "gpu_check.json"
 
 
-def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
-    """A few AMP steps per method (its small preset, its own views) with HIRL on; losses finite."""
+def _method_setup(name: str, device: torch.device, batch: int, steps: int
+                  ) -> tuple[Any, torch.nn.Module, Any, list, Any] | None:
+    """A method's small preset with HIRL on, a hierarchy, ``steps`` pinned batches of its
+    views and an optimiser; ``None`` for a method registered outside the library."""
     from hirl_ray.config import load_config
     from hirl_ray.hierarchy import fit_hierarchy
-    from hirl_ray.methods import METHODS
     from hirl_ray.methods.hirl import HirlModel
-    from hirl_ray.train.loop import StaticHierarchy, train_epoch
     from hirl_ray.train.optim import build_optimizer
 
+    preset = Path(__file__).resolve().parent / "small" / f"{name}.yaml"
+    if not preset.is_file():
+        return None
+    torch.manual_seed(0)
+    cfg = load_config(preset, {"hirl.num_clusters": [32, 8, 2], "hirl.num_neg_paths": 64})
+    model = HirlModel.from_config(cfg).to(device)
+    with torch.no_grad():  # a hierarchy in the space the heads project to
+        z = model.heads[0](torch.randn(256, _head_in_dim(model), device=device)).float()
+    h = fit_hierarchy(z.cpu(), [32, 8, 2], nredo=1, niter=5).to(device)
+    transform = model.method.transform(cfg.data)
+    images = (torch.rand(batch, 3, 40, 40) * 255).to(torch.uint8)
+    views = [torch.stack(v) for v in zip(*[transform(im) for im in images], strict=True)]
+    if device.type == "cuda":  # as the training loaders do on a GPU (pin_memory)
+        views = [v.pin_memory() for v in views]
+    batches = [(views, torch.arange(i * batch, (i + 1) * batch) % 256) for i in range(steps)]
+    opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.03))
+    return cfg, model, h, batches, opt
+
+
+def _epoch(model, batches, opt, h, device, scaler):
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+
+    stats, _ = train_epoch(model, batches, opt, epoch=0, step=0, total_steps=len(batches),
+                           base_lr=0.03, warmup_steps=0, hierarchy=StaticHierarchy(h),
+                           device=device, scaler=scaler, generator=None)
+    return stats
+
+
+def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
+    """A few AMP steps per method (its small preset, its own views) with HIRL on; losses finite."""
+    from hirl_ray.methods import METHODS
+
     steps, batch = (2, 16) if quick else (10, 128)
-    presets = Path(__file__).resolve().parent / "small"
     out: dict[str, Any] = {}
     for name in METHODS:
-        preset = presets / f"{name}.yaml"
-        if not preset.is_file():  # a method registered outside the library
+        setup = _method_setup(name, device, batch, steps)
+        if setup is None:
             continue
-        torch.manual_seed(0)
-        cfg = load_config(preset, {"hirl.num_clusters": [32, 8, 2], "hirl.num_neg_paths": 64})
-        model = HirlModel.from_config(cfg).to(device)
-        with torch.no_grad():  # a hierarchy in the space the heads project to
-            z = model.heads[0](torch.randn(256, _head_in_dim(model), device=device)).float()
-        h = fit_hierarchy(z.cpu(), [32, 8, 2], nredo=1, niter=5).to(device)
-        transform = model.method.transform(cfg.data)
-        images = (torch.rand(batch, 3, 40, 40) * 255).to(torch.uint8)
-        views = [torch.stack(v) for v in zip(*[transform(im) for im in images], strict=True)]
-        batches = [(views, torch.arange(i * batch, (i + 1) * batch) % 256) for i in range(steps)]
-        opt = build_optimizer(model.param_groups(), dataclasses.replace(cfg.train, lr=0.03))
+        cfg, model, h, batches, opt = setup
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         start = time.perf_counter()
-        stats, _ = train_epoch(model, batches, opt, epoch=0, step=0, total_steps=steps,
-                               base_lr=0.03, warmup_steps=0, hierarchy=StaticHierarchy(h),
-                               device=device, scaler=scaler, generator=None)
+        stats = _epoch(model, batches, opt, h, device, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         finite = all(math.isfinite(v) for v in (stats.loss, stats.semantic_loss or 0.0))
         out[name] = {"loss": stats.loss, "semantic_loss": stats.semantic_loss,
                      "steps_per_s": steps / seconds, "finite": finite,
-                     "backbone": cfg.model.backbone, "views": len(views)}
+                     "backbone": cfg.model.backbone, "views": len(batches[0][0])}
     return {"ok": all(v["finite"] and v["semantic_loss"] is not None for v in out.values()),
             "methods": out}
+
+
+def _count_syncs(fn: Callable[[], Any]) -> int:
+    """Host-device synchronisations ``fn`` makes (PyTorch's CUDA sync debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in seen)
+
+
+def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Host syncs per training step of every method with HIRL on: an epoch of ``2n`` steps
+    minus one of ``n`` steps (the reads at the end of an epoch cancel out), in fp32 and under
+    AMP (whose GradScaler reads its inf check every step by design). ok: none per step in fp32.
+    """
+    from hirl_ray.methods import METHODS
+
+    if device.type != "cuda":
+        # The same set-up runs, so the check cannot rot; only CUDA has a sync debug mode.
+        setup = _method_setup("simclr", device, 8, 2)
+        assert setup is not None
+        _epoch(*[setup[i] for i in (1, 3, 4, 2)], device, None)
+        return {"ok": None, "skipped": "sync debug mode is CUDA-only (the set-up ran on cpu)"}
+    n, batch = (2, 16) if quick else (8, 64)
+    out: dict[str, Any] = {}
+    for name in METHODS:
+        per_step = {}
+        for mode in ("fp32", "amp"):
+            counts = []
+            for steps in (n, 2 * n):
+                setup = _method_setup(name, device, batch, steps)
+                if setup is None:
+                    break
+                _, model, h, batches, opt = setup
+                scaler = torch.amp.GradScaler("cuda") if mode == "amp" else None
+                _epoch(model, batches[:1], opt, h, device, scaler)  # warm-up: lazy state
+                counts.append(_count_syncs(functools.partial(_epoch, model, batches, opt, h,
+                                                             device, scaler)))
+            if len(counts) == 2:
+                per_step[mode] = (counts[1] - counts[0]) / n
+        if per_step:
+            out[name] = per_step
+    return {"ok": all(v["fp32"] == 0 for v in out.values()), "methods": out}
 
 
 def _head_in_dim(model: torch.nn.Module) -> int:
@@ -198,7 +269,7 @@ def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
-    "amp_steps": check_amp_steps, "path_loss": check_path_loss,
+    "amp_steps": check_amp_steps, "host_syncs": check_host_syncs, "path_loss": check_path_loss,
     "faiss_gpu": check_faiss_gpu, "ray_fit": check_ray_fit,
 }
 
