@@ -75,10 +75,11 @@ def _fit_command(tmp_path: Path) -> list[str]:
     return [sys.executable, "-m", "hirl_ray.cli", "fit", *args]
 
 
-def _start(cmd: list[str], env: dict[str, str], cwd: Path
+def _start(cmd: list[str], env: dict[str, str], cwd: Path, new_group: bool = False
            ) -> tuple[subprocess.Popen, list[str]]:
+    """``new_group``: the process leads its own process group, as a shell's foreground job."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=cwd)
+                            env=env, cwd=cwd, start_new_session=new_group)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc, lines
@@ -135,3 +136,39 @@ def test_sigterm_to_hirl_ray_fit_saves_the_epoch_exits_with_one_line_and_the_rer
     # The planted secrets: in no file of the run and no console line of either process.
     assert PASSWORD in " ".join(cmd)
     assert files_with_secrets(tmp_path, first + second) == {}
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_whole_process_group_twice_stops_at_once_and_the_rerun_resumes(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the foreground group (the driver and any
+    Ray process it started in that group), and an impatient user presses it twice."""
+    from hirl_ray.train.checkpoint import find_checkpoints, is_best_copy, read_meta
+
+    env = {**os.environ, "HIRL_RAY_DASHBOARD": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    cmd = _fit_command(tmp_path)
+    proc, lines = _start(cmd, env, tmp_path, new_group=True)
+    try:
+        seen = _wait_for(lambda: any(re.search(r"epoch +1/3", x) for x in lines), 400)
+        assert seen, "".join(lines)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert _wait_for(lambda: any("received: finishing the current epoch" in x
+                                     for x in lines), 60) or proc.poll() is not None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # the second press: stop at once
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert rc == 128 + signal.SIGINT, out[-3000:]
+    said = [x for x in out.splitlines() if x.startswith("hirl-ray: ")]
+    assert len(said) == 1, out[-3000:]
+    saved = [read_meta(p).epoch for p in find_checkpoints(tmp_path / "run")
+             if not is_best_copy(p)]
+    assert saved and saved[0] == 1, out[-3000:]  # the checkpoint written before the presses
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"resumed at epoch {saved[-1]}" in again.stdout + again.stderr
