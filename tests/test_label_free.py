@@ -172,3 +172,21 @@ def test_a_label_free_sweep_needs_no_labels_and_every_trial_reports_every_criter
     with pytest.raises(ConfigError, match="no label level"):
         check_against(parse_tune_spec(_tune("knn_acc/class")), search_params(spec, cfg), cfg,
                       500, [], None)
+
+
+def test_calibration_partial_rank_correlation_removes_a_shared_cause():
+    from experiments.labelfree.calibrate import recommended, spearman, spearman_ci, targets
+
+    rng = np.random.default_rng(0)
+    lr = rng.uniform(size=200)
+    x, y = lr + 0.1 * rng.normal(size=200), lr + 0.1 * rng.normal(size=200)
+    assert spearman(x, y) > 0.8 and abs(spearman(x, y, lr)) < 0.2
+    rho, lo, hi = spearman_ci(x[:30], y[:30])
+    assert lo <= rho <= hi and hi - lo < 0.5
+    assert targets(["knn_acc/fine", "knn_acc/coarse", "nmi/fine", "nmi/coarse"]) == \
+        ["knn_acc/fine", "nmi/fine", "nmi/coarse"]
+    results = {d: {"targets": ["knn_acc/fine"],
+                   "rho": {"label_free/a": {"knn_acc/fine": (a, 0, 0)},
+                           "label_free/b": {"knn_acc/fine": (b, 0, 0)}}}
+               for d, a, b in (("one", 0.9, 0.5), ("two", 0.1, 0.6))}
+    assert recommended(results) == ("label_free/b", pytest.approx(0.55))

@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
 DATASETS = ("synthetic", "fashion_mnist")
 BOOTSTRAP = 2000
+LR = "train.lr"
 
 
 def fashion_subset(per_class: dict[str, int], source: Path, dest: Path) -> None:
@@ -70,22 +71,37 @@ def _finished(folder: Path, trials: int) -> bool:
     return len(table) >= trials and int(table["epochs_trained"].min()) > 0
 
 
-def spearman_ci(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """Spearman rho of ``x`` vs ``y`` and its 95% percentile bootstrap interval over pairs."""
-    from scipy.stats import spearmanr
+def spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> float:
+    """Spearman rho of ``x`` vs ``y``; with ``z``, the partial rho with ``z`` held fixed (the
+    Pearson correlation of the ranks' residuals after a linear fit on ``z``'s ranks)."""
+    from scipy.stats import rankdata
 
-    ok = np.isfinite(x) & np.isfinite(y)
+    rx, ry = rankdata(x), rankdata(y)
+    if z is not None:
+        design = np.stack([np.ones_like(rx), rankdata(z)], axis=1)
+        rx = rx - design @ np.linalg.lstsq(design, rx, rcond=None)[0]
+        ry = ry - design @ np.linalg.lstsq(design, ry, rcond=None)[0]
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def spearman_ci(x: np.ndarray, y: np.ndarray, z: np.ndarray | None = None, seed: int = 0
+                ) -> tuple[float, float, float]:
+    """:func:`spearman` and its 95% percentile bootstrap interval (trials resampled)."""
+    ok = np.isfinite(x) & np.isfinite(y) & (np.isfinite(z) if z is not None else True)
     x, y = x[ok], y[ok]
+    z = z[ok] if z is not None else None
     if x.size < 4:
         return float("nan"), float("nan"), float("nan")
-    rho = float(spearmanr(x, y).statistic)
+    rho = spearman(x, y, z)
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(BOOTSTRAP):
         i = rng.integers(0, x.size, x.size)
-        if np.unique(x[i]).size > 1 and np.unique(y[i]).size > 1:
-            boot.append(spearmanr(x[i], y[i]).statistic)
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
+        boot.append(spearman(x[i], y[i], z[i] if z is not None else None))
+    boot = [b for b in boot if np.isfinite(b)]
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
     return rho, float(lo), float(hi)
 
 
@@ -107,7 +123,15 @@ def calibrate(folder: Path) -> dict[str, Any]:
     criteria = [c for c in LABEL_FREE_METRICS if c in table.columns]
     rho = {c: {t: spearman_ci(table[c].to_numpy(float), table[t].to_numpy(float))
                for t in goals} for c in criteria}
+    # The same against kNN with lr held fixed: does the criterion rank the *hierarchy* (and the
+    # other keys), or mostly the learning rate?
+    if LR in table:
+        for c in criteria:
+            rho[c][f"{goals[0]} (lr held fixed)"] = spearman_ci(
+                table[c].to_numpy(float), table[goals[0]].to_numpy(float),
+                np.log(table[LR].to_numpy(float)))
     keep = ["trial_id", "num_clusters", "train.lr", "hirl.num_neg_paths", *goals, *criteria]
+    goals = list(next(iter(rho.values())).keys()) if rho else goals
     return {"sweep": str(folder), "trials": len(table), "targets": goals, "rho": rho,
             "table": table[[k for k in keep if k in table.columns]].to_dict("records")}
 
