@@ -190,3 +190,60 @@ def test_calibration_partial_rank_correlation_removes_a_shared_cause():
                            "label_free/b": {"knn_acc/fine": (b, 0, 0)}}}
                for d, a, b in (("one", 0.9, 0.5), ("two", 0.1, 0.6))}
     assert recommended(results) == ("label_free/b", pytest.approx(0.55))
+
+
+@pytest.mark.slow
+def test_a_trained_encoder_outscores_its_random_init_and_a_collapsed_one():
+    """On real training (SimCLR, small CNN, built-in images): the criteria the README may
+    recommend score 8 epochs of training above the same network at initialisation, and both
+    above a collapsed encoder. (alpha-ReQ does not: it prefers the random init here, which
+    the README states.)"""
+    from torch.utils.data import DataLoader
+
+    from hirl_ray.data import ViewDataset, build_dataset
+    from hirl_ray.data.transforms import eval_transform
+    from hirl_ray.eval.features import extract_features
+    from hirl_ray.hierarchy import fit_hierarchy
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
+
+    cfg = load_config(None, {"data.train_per_class": 10, "data.test_per_class": 10,
+                             "model.width": 16, "method.hidden_dim": 64, "method.proj_dim": 32,
+                             "hirl.enabled": False, "train.batch_size": 48, "train.lr": 0.05})
+    sizes = [48, 12, 4]
+    torch.manual_seed(0)
+    model = HirlModel.from_config(cfg)
+    train, test = (build_dataset(cfg.data, s) for s in ("train", "test"))
+    plain = eval_transform(cfg.data.image_size)
+    loaders = {s: DataLoader(ViewDataset(d, plain), batch_size=256) for s, d in
+               (("train", train), ("test", test))}
+
+    def scores() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            f = {s: extract_features(model.embed, lo, device="cpu", normalize=True)[0].numpy()
+                 for s, lo in loaders.items()}
+        model.train()
+        tree = fit_hierarchy(f["train"], sizes, nredo=1, niter=10)
+        return {"rankme": rankme(f["test"]), "silhouette": hierarchy_silhouette(f["test"], sizes),
+                "stability": cluster_stability(f["test"], sizes),
+                "tree_knn": tree_knn_agreement(f["train"],
+                                               [a.numpy() for a in tree.assignments])}
+
+    random_init = scores()
+    views = DataLoader(ViewDataset(train, model.method.transform(cfg.data)), batch_size=48,
+                       shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    opt = build_optimizer(model.param_groups(), cfg.train)
+    step = 0
+    for epoch in range(8):
+        _, step = train_epoch(model, views, opt, epoch=epoch, step=step,
+                              total_steps=8 * len(views), base_lr=0.05, warmup_steps=0,
+                              hierarchy=StaticHierarchy(None), device=torch.device("cpu"))
+    trained = scores()
+    x = collapsed(len(test), 32)
+    flat = {"rankme": rankme(x), "silhouette": hierarchy_silhouette(x, sizes),
+            "stability": cluster_stability(x, sizes),
+            "tree_knn": tree_knn_agreement(x, [np.zeros(len(x), dtype=np.int64)])}
+    for name in trained:
+        assert trained[name] > random_init[name] > flat[name], (name, trained, random_init)
