@@ -147,8 +147,8 @@ def make_data(kind: str, root: Path) -> Path | str:
         root.mkdir(parents=True)
         (root / "data.npz").write_text("these are not arrays\n")
         return root / "data.npz"
-    if kind == "npz_no_labels":
-        return _npz(root, x=np.zeros((10, 8, 8, 3), np.uint8))
+    if kind == "npz_coarse_without_fine":
+        return _npz(root, x=np.zeros((10, 8, 8, 3), np.uint8), y_coarse=np.arange(10) % 2)
     if kind == "npz_float_255":
         x = np.linspace(0, 255, 10 * 8 * 8 * 3, dtype=np.float32).reshape(10, 8, 8, 3)
         return _npz(root, x=x, y=np.arange(10) % 2)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -92,8 +94,11 @@ def test_sigterm_to_hirl_ray_fit_saves_the_epoch_exits_with_one_line_and_the_rer
     from hirl_ray.runs import LAYOUT
     from hirl_ray.train.checkpoint import find_checkpoints, is_best_copy, read_meta
 
+    # Ray's own session folder (logs of every Ray process) goes to a short path of ours, so
+    # that it is scanned for the planted secrets too (a Unix socket path must stay < 108).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="hr", dir="/tmp"))
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": ENV_SECRET, "HIRL_RAY_DASHBOARD": "0",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     cmd = _fit_command(tmp_path)
     run = tmp_path / "run"
@@ -136,6 +141,8 @@ def test_sigterm_to_hirl_ray_fit_saves_the_epoch_exits_with_one_line_and_the_rer
     # The planted secrets: in no file of the run and no console line of either process.
     assert PASSWORD in " ".join(cmd)
     assert files_with_secrets(tmp_path, first + second) == {}
+    assert any(ray_tmp.rglob("*.log")) and files_with_secrets(ray_tmp) == {}
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

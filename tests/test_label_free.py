@@ -247,3 +247,22 @@ def test_a_trained_encoder_outscores_its_random_init_and_a_collapsed_one():
             "tree_knn": tree_knn_agreement(x, [np.zeros(len(x), dtype=np.int64)])}
     for name in trained:
         assert trained[name] > random_init[name] > flat[name], (name, trained, random_init)
+
+
+def test_the_unlabelled_sweep_reads_no_label_and_runs_on_images_without_any(tmp_path):
+    from pathlib import Path
+
+    from hirl_ray.sweep.sweep import plan_sweep
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "tune_unlabelled.yaml"
+    cfg = load_config(path)
+    assert cfg.eval.protocols == ("label_free",)
+    assert parse_tune_spec(cfg.to_dict()["tune"]).primary_metric in LABEL_FREE_METRICS
+    images = np.random.default_rng(0).integers(0, 255, (300, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images)  # no 'y': unlabelled
+    unlabelled = {"data.name": "npz", "data.root": str(tmp_path / "images.npz"),
+                  "data.image_size": 16, "storage.path": str(tmp_path)}
+    plan_sweep(path, unlabelled)  # every check before Ray passes
+    with pytest.raises(ConfigError, match="no label level 'class'.*unlabelled data"):
+        plan_sweep(path, {**unlabelled, "tune.metric": "knn_acc/class",
+                          "eval.protocols": ["knn"]})

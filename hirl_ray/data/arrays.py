@@ -79,8 +79,9 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def npz_dataset(root: str | Path, split: str, image_size: int, seed: int) -> TensorHierDataset:
     """``root`` is one ``.npz`` (split 80/20 by ``seed``) or a folder with train.npz/test.npz.
 
-    Arrays: ``x`` images, ``y`` (N,) labels, optional ``y_coarse`` (N,) parent labels.
-    Labels columns are (y, y_coarse); y_coarse must be a function of y (a tree).
+    Arrays: ``x`` images, optional ``y`` (N,) labels, optional ``y_coarse`` (N,) parent labels.
+    Labels columns are (y, y_coarse); y_coarse must be a function of y (a tree). Without ``y``
+    the images are unlabelled: training and the label-free criteria need no labels.
     """
     root = Path(root).expanduser()
     if root.is_dir():
@@ -98,9 +99,10 @@ def npz_dataset(root: str | Path, split: str, image_size: int, seed: int) -> Ten
             "folder with train.npz and test.npz"
         )
     arrays = _load_npz(path)
-    if "x" not in arrays or "y" not in arrays:
+    if "x" not in arrays or ("y_coarse" in arrays and "y" not in arrays):
         raise ConfigError(
-            f"{path}: needs arrays 'x' (images) and 'y' (labels), found {sorted(arrays)}"
+            f"{path}: needs array 'x' (images), optionally 'y' (labels) and 'y_coarse' (their "
+            f"parents, only with 'y'), found {sorted(arrays)}"
         )
     images = to_uint8_nchw(arrays["x"], f"{path}: array 'x'")
     columns = []
@@ -114,7 +116,7 @@ def npz_dataset(root: str | Path, split: str, image_size: int, seed: int) -> Ten
                 f"({len(images)},) to match 'x', got {y.dtype} {y.shape}"
             )
         columns.append(y.astype(np.int64))
-    labels = np.stack(columns, axis=1)
+    labels = np.stack(columns, axis=1) if columns else np.zeros((len(images), 0), np.int64)
     names = ("class", "superclass")[: labels.shape[1]]
     label_parents(labels, names)  # fail early if y_coarse is not a function of y
     if subset is not None:
