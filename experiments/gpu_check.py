@@ -100,8 +100,10 @@ def check_amp_steps(device: torch.device, quick: bool) -> dict[str, Any]:
             "methods": out}
 
 
-def _count_syncs(fn: Callable[[], Any]) -> int:
-    """Host-device synchronisations ``fn`` makes (PyTorch's CUDA sync debug mode)."""
+def _count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+    """Host-device synchronisations ``fn`` makes (PyTorch's CUDA sync debug mode), and where:
+    ``{"file:line": count}`` of the Python lines that called the synchronising operations."""
+    import collections
     import warnings
 
     with warnings.catch_warnings(record=True) as seen:
@@ -111,7 +113,9 @@ def _count_syncs(fn: Callable[[], Any]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in seen)
+    syncs = [w for w in seen if "synchronizing" in str(w.message)]
+    where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return len(syncs), dict(where.most_common(6))
 
 
 def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
@@ -130,9 +134,9 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
     n, batch = (2, 16) if quick else (8, 64)
     out: dict[str, Any] = {}
     for name in METHODS:
-        per_step = {}
+        per_step: dict[str, Any] = {}
         for mode in ("fp32", "amp"):
-            counts = []
+            counts, where = [], {}
             for steps in (n, 2 * n):
                 setup = _method_setup(name, device, batch, steps)
                 if setup is None:
@@ -140,10 +144,12 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
                 _, model, h, batches, opt = setup
                 scaler = torch.amp.GradScaler("cuda") if mode == "amp" else None
                 _epoch(model, batches[:1], opt, h, device, scaler)  # warm-up: lazy state
-                counts.append(_count_syncs(functools.partial(_epoch, model, batches, opt, h,
-                                                             device, scaler)))
+                count, where = _count_syncs(functools.partial(_epoch, model, batches, opt, h,
+                                                              device, scaler))
+                counts.append(count)
             if len(counts) == 2:
                 per_step[mode] = (counts[1] - counts[0]) / n
+                per_step[f"{mode}_where"] = where  # of the 2n-step epoch
         if per_step:
             out[name] = per_step
     return {"ok": all(v["fp32"] == 0 for v in out.values()), "methods": out}

@@ -36,7 +36,9 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, all_z1: Tensor | No
     logits = z @ c.T / temperature
     rows = torch.arange(2 * b, device=z.device)
     own = torch.cat([offset + rows[:b], n + offset + rows[:b]])  # anchor i's column in c
-    # Exclude self-similarity from the denominator (k ≠ i).
-    logits[rows, own] = float("-inf")
+    # Exclude self-similarity from the denominator (k ≠ i); a comparison mask, not an indexed
+    # write (which made the host wait on a GPU).
+    self_sim = own[:, None] == torch.arange(2 * n, device=z.device)[None, :]
+    logits = logits.masked_fill(self_sim, float("-inf"))
     targets = torch.cat([own[b:], own[:b]])  # the other view of the same image
     return F.cross_entropy(logits, targets)

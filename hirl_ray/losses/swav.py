@@ -46,7 +46,9 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iters: int = 3,
     """
     q = torch.exp(scores.detach().float() / epsilon).t()  # (K, N)
     k = q.shape[0]
-    b = all_reduce(torch.tensor(float(q.shape[1]), device=q.device))  # global batch size
+    # Global batch size; filled on the device (torch.tensor(x, device=) would copy from the host
+    # and make it wait).
+    b = all_reduce(torch.full((), float(q.shape[1]), device=q.device))
     q /= all_reduce(q.sum())
     for _ in range(iters):
         q /= all_reduce(q.sum(dim=1, keepdim=True))  # each prototype's total mass -> 1/K

@@ -29,7 +29,7 @@ from hirl_ray.methods.distributed import (
     world_size,
 )
 from hirl_ray.models.heads import mlp
-from hirl_ray.models.masking import random_block_masks
+from hirl_ray.models.masking import host_to_device, random_block_masks
 from hirl_ray.models.tokenizers import FileTokenizer, KMeansTokenizer, patchify
 from hirl_ray.models.vit import vit_patch_size
 
@@ -199,14 +199,19 @@ class BEiT(SSLMethod):
             ids = self.tokenizer(x)
         else:
             ids = self.tokenizer(x, (grid, grid))
-        mask = self.draw_masks(x.shape[0], grid).to(x.device)
+        host_mask = self.draw_masks(x.shape[0], grid)
+        # The masked positions are known on the host: gathering them with index_select keeps
+        # the GPU's queue full (a boolean index, z[mask], makes the host wait for a count).
+        where = host_to_device(host_mask.flatten().nonzero().squeeze(1), x.device)
+        mask = host_to_device(host_mask, x.device)
         tokens = self.backbone.tokens(x, mask)  # (B', 1 + N, D)
         z = self.projector(tokens.flatten(0, 1)).view(*tokens.shape[:2], -1)  # token-wise
-        logits = self.head(z[:, 1:][mask])
-        count = mask.sum().float()
+        logits = self.head(z[:, 1:].flatten(0, 1).index_select(0, where))
+        count = torch.full((), float(where.shape[0]), device=x.device)
         if self.training and world_size() > 1:  # global |M| over ranks, see the docstring
             count = all_reduce_sum(count) / world_size()
-        loss = masked_token_loss(logits, ids[mask], count.clamp_min(1.0))
+        loss = masked_token_loss(logits, ids.flatten().index_select(0, where),
+                                 count.clamp_min(1.0))
         return MethodOutput(loss=loss, embedding=tokens[:b, 0], projection=z[:b, 0],
                             projection_mean=z[:b, 1:].mean(1))
 

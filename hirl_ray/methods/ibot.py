@@ -16,7 +16,7 @@ from hirl_ray.methods.base import MethodOutput, frozen_copy, register_method
 from hirl_ray.methods.dino import DINO, NUM_GLOBAL, DINOConfig, epoch_warmup
 from hirl_ray.methods.distributed import all_reduce_sum, world_size
 from hirl_ray.models.dino_head import DINOHead, WeightNormLinear
-from hirl_ray.models.masking import random_block_masks
+from hirl_ray.models.masking import host_to_device, random_block_masks
 from hirl_ray.models.multicrop import forward_by_resolution
 
 
@@ -127,7 +127,7 @@ class IBOT(DINO):
         c, b = self.cfg, views[0].shape[0]
         grid = self.backbone.grid_size(views[0].shape[-1])
         if self.training:
-            masks = self.draw_masks(b, grid).to(views[0].device)
+            masks = host_to_device(self.draw_masks(b, grid), views[0].device)
         else:  # the all-False mask still ties [MASK] into the graph (DDP)
             masks = torch.zeros(NUM_GLOBAL, b, grid * grid, dtype=torch.bool,
                                 device=views[0].device)

@@ -84,3 +84,15 @@ def random_block_masks(batch: int, grid: int, ratio: tuple[float, float],
     masks = [block_mask(grid, grid, round(_uniform(lo, hi, generator) * n), generator,
                         min_block=min_block, min_aspect=min_aspect) for _ in range(batch)]
     return torch.stack(masks).view(batch, n)
+
+
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor (a mask drawn on the host) on ``device`` without a host sync.
+
+    A plain ``.to("cuda")`` from pageable memory makes the host wait for the copy; from pinned
+    memory with ``non_blocking`` it is queued like a kernel (the caching host allocator keeps
+    the pinned buffer alive until the copy ran). On the CPU it is ``.to(device)``.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
