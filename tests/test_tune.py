@@ -323,6 +323,10 @@ def _check_report_and_dashboard(sweep: Path, env: dict) -> None:
                  "prototype_tree"):
         assert (index.parent / f"{name}.png").stat().st_size > 5000, name
     assert page.count("data:image/png;base64,") == 5 and "src=\"http" not in page
+    # Every trial reported every label-free criterion; each is ranked against kNN.
+    from hirl_ray.sweep.space import LABEL_FREE_METRICS
+
+    assert all(f"{c} vs kNN" in page for c in LABEL_FREE_METRICS), page[:3000]
     if any(os.path.exists(p) for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")):
         shot = screenshot(index, sweep / "report.png", height=1600)
         from PIL import Image
