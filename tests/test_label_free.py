@@ -189,7 +189,14 @@ def test_calibration_partial_rank_correlation_removes_a_shared_cause():
                    "rho": {"label_free/a": {"knn_acc/fine": (a, 0, 0)},
                            "label_free/b": {"knn_acc/fine": (b, 0, 0)}}}
                for d, a, b in (("one", 0.9, 0.5), ("two", 0.1, 0.6))}
-    assert recommended(results) == ("label_free/b", pytest.approx(0.55))
+    assert recommended(results) == ("label_free/b", pytest.approx(0.55), ["one", "two"])
+    results["two"]["knn"] = {"reliability": 0.1}  # its kNN spread is sampling noise
+    assert recommended(results) == ("label_free/a", pytest.approx(0.9), ["one"])
+    from experiments.labelfree.calibrate import reliability
+
+    spread = reliability(np.array([0.5, 0.7, 0.9, 0.6]), n_test=10_000)
+    noise = reliability(np.array([0.70, 0.71, 0.69, 0.70]), n_test=300)
+    assert spread["reliability"] > 0.95 and noise["reliability"] == 0.0
 
 
 @pytest.mark.slow

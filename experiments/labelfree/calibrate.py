@@ -112,8 +112,32 @@ def targets(columns: list[str]) -> list[str]:
     return list(dict.fromkeys(knn[:1] + nmi[:1] + nmi[-1:]))
 
 
-def calibrate(folder: Path) -> dict[str, Any]:
-    """``{criterion: {target: [rho, lo, hi]}}`` plus the trials' values, for one sweep."""
+def held_out_size(dataset: str) -> int:
+    """Images in the sweep's held-out split (where kNN accuracy is measured)."""
+    from hirl_ray.config import load_config
+    from hirl_ray.data import build_dataset
+
+    return len(build_dataset(load_config(HERE / f"{dataset}.yaml").data, "test"))
+
+
+def reliability(knn: np.ndarray, n_test: int) -> dict[str, float]:
+    """How much of kNN accuracy's spread over trials is more than its own sampling noise.
+
+    An accuracy on ``n_test`` images varies by ``p(1-p)/n_test`` (binomial) from the images
+    drawn alone; ``reliability = 1 - noise / observed variance`` is the share of the spread
+    that is real, and no criterion can rank trials like the measured kNN better than about
+    ``sqrt(reliability)`` (Spearman's attenuation).
+    """
+    observed = float(np.var(knn, ddof=1))
+    noise = float(np.mean(knn * (1 - knn)) / n_test)
+    r = max(0.0, 1.0 - noise / observed) if observed > 0 else 0.0
+    return {"knn_std_over_trials": observed ** 0.5, "knn_sampling_se": noise ** 0.5,
+            "reliability": r, "max_rho": r ** 0.5, "held_out": n_test}
+
+
+def calibrate(folder: Path, n_test: int) -> dict[str, Any]:
+    """``{criterion: {target: [rho, lo, hi]}}``, kNN's reliability and the trials' values, for
+    one sweep whose kNN accuracy was measured on ``n_test`` held-out images."""
     import pandas as pd
 
     from hirl_ray.sweep.space import LABEL_FREE_METRICS
@@ -133,6 +157,7 @@ def calibrate(folder: Path) -> dict[str, Any]:
     keep = ["trial_id", "num_clusters", "train.lr", "hirl.num_neg_paths", *goals, *criteria]
     goals = list(next(iter(rho.values())).keys()) if rho else goals
     return {"sweep": str(folder), "trials": len(table), "targets": goals, "rho": rho,
+            "knn": reliability(table[goals[0]].to_numpy(float), n_test),
             "table": table[[k for k in keep if k in table.columns]].to_dict("records")}
 
 
@@ -146,22 +171,31 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         for c, row in r["rho"].items():
             cells = [f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]" for v in row.values()]
             lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
-        lines.append("")
-    best = recommended(results)
-    lines += [f"Recommended for unlabelled data: `{best[0]}` (mean rho vs kNN {best[1]:+.2f}).", ""]
+        k = r["knn"]
+        lines += ["", f"{r['targets'][0]} over trials: std {k['knn_std_over_trials']:.3f}; its "
+                  f"sampling error on {k['held_out']} held-out images {k['knn_sampling_se']:.3f}; "
+                  f"reliability {k['reliability']:.2f}, so no criterion can reach a rho above "
+                  f"about {k['max_rho']:.2f} against it here.", ""]
+    best, rho, used = recommended(results)
+    lines += [f"Recommended for unlabelled data: `{best}` (mean rho vs kNN {rho:+.2f} on "
+              f"{', '.join(used)}, the sets whose kNN spread over trials is mostly real).", ""]
     return "\n".join(lines)
 
 
-def recommended(results: dict[str, dict[str, Any]]) -> tuple[str, float]:
-    """The criterion with the highest mean rho against kNN accuracy over the datasets."""
+def recommended(results: dict[str, dict[str, Any]], min_reliability: float = 0.5
+                ) -> tuple[str, float, list[str]]:
+    """The criterion with the highest mean rho against kNN accuracy over the datasets where
+    that accuracy ranks trials at all (reliability >= ``min_reliability``; all if none)."""
+    used = [d for d, r in results.items()
+            if r.get("knn", {}).get("reliability", 1.0) >= min_reliability] or list(results)
     means: dict[str, list[float]] = {}
-    for r in results.values():
+    for r in (results[d] for d in used):
         knn = r["targets"][0]
         for c, row in r["rho"].items():
             means.setdefault(c, []).append(row[knn][0])
     scored = {c: float(np.mean(v)) for c, v in means.items() if np.all(np.isfinite(v))}
     best = max(scored, key=scored.__getitem__)
-    return best, scored[best]
+    return best, scored[best], used
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in args.datasets:
         folder = REPO / "results" / "labelfree" / name if args.analyse_only else sweep(name)
-        results[name] = calibrate(folder)
+        results[name] = calibrate(folder, held_out_size(name))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "calibration.json").write_text(json.dumps(results, indent=2, default=str))
     text = markdown(results)

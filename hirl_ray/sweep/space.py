@@ -28,7 +28,7 @@ TUNE_SECTION = "tune"
 #: reports all of them every epoch (the sweep adds the ``label_free`` protocol).
 LABEL_FREE_METRICS = criterion_metrics()
 #: The one the README recommends for unlabelled data (experiments/labelfree/ calibration).
-LABEL_FREE_METRIC = "label_free/silhouette"
+LABEL_FREE_METRIC = "label_free/rankme"
 WALL_TIME_METRIC = "time_total_s"
 MODES = ("min", "max")
 SCHEDULERS = ("asha", "fifo")
