@@ -6,7 +6,8 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
    ``experiments/small`` preset and views) with the semantic-path loss on, on CUDA: finite
    losses, steps/s.
 2. ``host_syncs`` — host-device synchronisations per training step of every method (PyTorch's
-   CUDA sync debug mode, an epoch of 2n steps minus one of n), fp32 and AMP: none per step in fp32.
+   CUDA sync debug mode, an epoch of 2n steps minus one of n), fp32, float16 AMP and bfloat16
+   AMP: none per step in fp32 and bfloat16 (float16's GradScaler reads one per step).
 3. ``path_loss`` — the semantic-path loss on CUDA under autocast against a float64 re-statement of
    HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
 4. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
@@ -66,12 +67,12 @@ def _method_setup(name: str, device: torch.device, batch: int, steps: int
     return cfg, model, h, batches, opt
 
 
-def _epoch(model, batches, opt, h, device, scaler):
+def _epoch(model, batches, opt, h, device, scaler, amp_dtype=None):
     from hirl_ray.train.loop import StaticHierarchy, train_epoch
 
     stats, _ = train_epoch(model, batches, opt, epoch=0, step=0, total_steps=len(batches),
                            base_lr=0.03, warmup_steps=0, hierarchy=StaticHierarchy(h),
-                           device=device, scaler=scaler, generator=None)
+                           device=device, scaler=scaler, amp_dtype=amp_dtype, generator=None)
     return stats
 
 
@@ -120,8 +121,9 @@ def _count_syncs(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
 
 def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
     """Host syncs per training step of every method with HIRL on: an epoch of ``2n`` steps
-    minus one of ``n`` steps (the reads at the end of an epoch cancel out), in fp32 and under
-    AMP (whose GradScaler reads its inf check every step by design). ok: none per step in fp32.
+    minus one of ``n`` steps (the reads at the end of an epoch cancel out), in fp32, under
+    float16 AMP (whose GradScaler reads its inf check every step by design) and under bfloat16
+    AMP (no scaler). ok: none per step in fp32 and bfloat16.
     """
     from hirl_ray.methods import METHODS
 
@@ -135,7 +137,7 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in METHODS:
         per_step: dict[str, Any] = {}
-        for mode in ("fp32", "amp"):
+        for mode in ("fp32", "amp", "amp_bf16"):
             counts, where = [], {}
             for steps in (n, 2 * n):
                 setup = _method_setup(name, device, batch, steps)
@@ -143,16 +145,18 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
                     break
                 _, model, h, batches, opt = setup
                 scaler = torch.amp.GradScaler("cuda") if mode == "amp" else None
-                _epoch(model, batches[:1], opt, h, device, scaler)  # warm-up: lazy state
+                dtype = torch.bfloat16 if mode == "amp_bf16" else None
+                _epoch(model, batches[:1], opt, h, device, scaler, dtype)  # warm-up: lazy state
                 count, where = _count_syncs(functools.partial(_epoch, model, batches, opt, h,
-                                                              device, scaler))
+                                                              device, scaler, dtype))
                 counts.append(count)
             if len(counts) == 2:
                 per_step[mode] = (counts[1] - counts[0]) / n
                 per_step[f"{mode}_where"] = where  # of the 2n-step epoch
         if per_step:
             out[name] = per_step
-    return {"ok": all(v["fp32"] == 0 for v in out.values()), "methods": out}
+    return {"ok": all(v["fp32"] == 0 and v["amp_bf16"] == 0 for v in out.values()),
+            "methods": out}
 
 
 def _head_in_dim(model: torch.nn.Module) -> int:

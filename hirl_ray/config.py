@@ -291,6 +291,7 @@ class HirlConfig:
 OPTIMIZERS = ("sgd", "adamw", "lars")
 #: ``train.on_nan``: what a step with a non-finite loss or gradient does.
 ON_NAN = ("stop", "skip_step")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,9 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     amp: bool = True
+    # Mixed precision on a GPU: float16 (with a GradScaler, which reads its overflow check on
+    # the host every step) or bfloat16 (Ampere/Hopper: float32's range, no scaler, no sync).
+    amp_dtype: str = "float16"
     seed: int = 0
     cpus_per_worker: float = 1.0
     # GPUs each worker reserves when use_gpu (a fraction shares one GPU, e.g. with the actor).
@@ -336,6 +340,7 @@ class TrainConfig:
                               f"({self.lr}): the cosine schedule decays from lr to min_lr")
         check_choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         check_choice(f"{where}.on_nan", self.on_nan, ON_NAN)
+        check_choice(f"{where}.amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"{where}.grad_clip must be a positive max gradient norm or null "
                               f"(no clipping), got {self.grad_clip}")

@@ -208,7 +208,8 @@ def test_a_stop_raised_in_a_worker_shows_as_one_line():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_with_amp_a_skipped_step_changes_nothing():
+@pytest.mark.parametrize("amp_dtype", ["float16", "bfloat16"])
+def test_on_cuda_with_amp_a_skipped_step_changes_nothing(amp_dtype):
     # AMP: the GradScaler skips the optimiser step on NaN gradients; the guard flags the NaN
     # loss and undoes the rest (queue, key encoder, BN statistics). AdamW keeps its step count
     # on the GPU (capturable), so nothing here needs a host read per step.
@@ -217,16 +218,28 @@ def test_on_cuda_with_amp_a_skipped_step_changes_nothing():
     model = model.to(cuda)
     opt = build_optimizer(model.param_groups(), cfg.train, capturable=True)
     guard = NanGuard(model, opt, cuda, policy="skip_step")
-    scaler = torch.amp.GradScaler("cuda")
+    # float16 scales the loss; bfloat16 (train.amp_dtype) needs no scaler.
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == "float16" else None
 
     def run(batches, step):
         batches = [([v.to(cuda) for v in views], i.to(cuda)) for views, i in batches]
         return train_epoch(model, batches, opt, epoch=0, step=step, total_steps=100,
                            base_lr=0.1, warmup_steps=0, hierarchy=StaticHierarchy(None),
-                           device=cuda, scaler=scaler, guard=guard)
+                           device=cuda, scaler=scaler, amp_dtype=getattr(torch, amp_dtype),
+                           guard=guard)
 
     _, step = run([_batch(0), _batch(1)], 0)
     before = _state(model, opt)
     stats, _ = run([_batch(2, nan=True)], step)
     assert stats.nan_skipped == 1
     assert _same(before, _state(model, opt))
+
+
+def test_amp_dtype_is_checked_and_bfloat16_builds_no_scaler():
+    with pytest.raises(ConfigError, match="train.amp_dtype must be one of float16, bfloat16"):
+        load_config(None, {"train.amp_dtype": "fp8"})
+    from hirl_ray.train.steps import build_parts
+
+    run = build_parts(load_config(None, {"train.amp_dtype": "bfloat16"}), 0, 1,
+                      torch.device("cpu"))
+    assert run.scaler is None and run.amp_dtype is None  # mixed precision is CUDA-only

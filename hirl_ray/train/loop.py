@@ -107,6 +107,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 epoch: int, step: int, total_steps: int, base_lr: float, warmup_steps: int,
                 hierarchy: HierarchySource, device: torch.device,
                 scaler: torch.amp.GradScaler | None = None,
+                amp_dtype: torch.dtype | None = None,
                 generator: torch.Generator | None = None,
                 max_steps: int | None = None, poll_every: int = 1,
                 weight_decay: tuple[float, float | None] | None = None,
@@ -128,6 +129,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     groups without their own weight decay follow a cosine between the two; ``None`` or no end
     value leaves every group's weight decay as built.
 
+    Mixed precision (CUDA only): ``amp_dtype`` is the autocast dtype; a ``scaler`` alone means
+    float16 with loss scaling; bfloat16 needs no scaler (``train.amp_dtype``).
+
     ``guard`` (:class:`~hirl_ray.train.numerics.NanGuard`, default: ``train.on_nan=stop`` without
     clipping) flags non-finite steps on the device, clips the gradients after AMP's unscale
     and before the hook, and restores a skipped step after ``update_target``; the host reads its
@@ -136,6 +140,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     """
     model.train()
     inner = unwrap(model)
+    # Autocast in amp_dtype (float16 when only a scaler is given); the scaler only for float16.
+    autocast_dtype = amp_dtype or (torch.float16 if scaler is not None else None)
+    use_autocast = autocast_dtype is not None and device.type == "cuda"
     use_amp = scaler is not None and device.type == "cuda"
     # Loss sums stay on the device: reading a CUDA scalar (float(), .item()) blocks the host until
     # the GPU has finished the step, so per-step reads would serialise the input pipeline and the
@@ -164,7 +171,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         guard.before_forward()
         if hasattr(inner, "on_step_start"):
             inner.on_step_start(step, epoch, step / total_steps)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
             out = model(views, index, h, generator)
         optimizer.zero_grad(set_to_none=True)
         if use_amp:

@@ -56,10 +56,12 @@ class WorkerRun:
     ddp: nn.Module | None = None
     hierarchy: HierarchySource | None = None
 
+    amp_dtype: torch.dtype | None = None
+
     @property
     def use_amp(self) -> bool:
         """Mixed precision: ``train.amp`` on a CUDA device."""
-        return self.scaler is not None
+        return self.amp_dtype is not None
 
 
 # ---- the modules that register the config's names ----------------------------------------
@@ -134,12 +136,15 @@ def build_parts(cfg: ExperimentConfig, rank: int, world: int, device: torch.devi
     capturable = cfg.train.on_nan == "skip_step" and device.type == "cuda"
     optimizer = build_optimizer(model.param_groups(), cfg.train, capturable=capturable)
     use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = getattr(torch, cfg.train.amp_dtype) if use_amp else None
+    # bfloat16 has float32's exponent range: no loss scaling (and no per-step host read).
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     # Negative-path sampling, one stream per rank, continued across epochs.
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
     guard = NanGuard(model, optimizer, device, policy=cfg.train.on_nan,
                      max_skips=cfg.train.max_nan_skips, grad_clip=cfg.train.grad_clip)
-    return WorkerRun(cfg, rank, world, device, model, optimizer, scaler, generator, guard)
+    return WorkerRun(cfg, rank, world, device, model, optimizer, scaler, generator, guard,
+                     amp_dtype=amp_dtype)
 
 
 # ---- one epoch, its metrics, online evaluation ---------------------------------------------
@@ -154,7 +159,8 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
                        total_steps=steps_per_epoch * cfg.train.epochs, base_lr=cfg.train.lr,
                        warmup_steps=steps_per_epoch * cfg.train.warmup_lr_epochs,
                        hierarchy=run.hierarchy, device=run.device, scaler=run.scaler,
-                       generator=run.generator, poll_every=HIERARCHY_POLL_EVERY,
+                       amp_dtype=run.amp_dtype, generator=run.generator,
+                       poll_every=HIERARCHY_POLL_EVERY,
                        weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
                        guard=run.guard, min_lr=cfg.train.min_lr)
 
