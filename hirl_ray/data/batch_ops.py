@@ -89,23 +89,32 @@ def crop_boxes(sizes: Tensor, scale: Sequence[float], ratio: Sequence[float],
     return torch.stack([left, top, w, h], 1)
 
 
-def resized_crop(x: Tensor, boxes: Tensor, sizes: Tensor, size: Sequence[int]) -> Tensor:
+def resized_crop(x: Tensor, boxes: Tensor, sizes: Tensor, content: Tensor,
+                 size: Sequence[int]) -> Tensor:
     """Crop each image's box and resize it to ``size``, in one ``roi_align`` call.
 
-    ``boxes`` are in pixels of the original ``sizes`` (H, W); ``x`` may hold the images resized
-    to another common size (the device path decodes to a fixed square), so boxes are scaled per
-    axis into ``x``'s pixels: the same region of the original image, whatever the resize did to
-    its aspect. ``aligned=True`` puts pixel centres at +0.5 (as a resize does) and the adaptive
+    ``boxes`` are in pixels of each image's ``sizes`` (H, W); in ``x`` the image fills the
+    top-left ``content`` (h, w) pixels (the device path decodes into a padded square, shrunk
+    when larger), so boxes are scaled per axis by ``content / sizes``: the same region of the
+    image. ``aligned=True`` puts pixel centres at +0.5 (as a resize does) and the adaptive
     sampling averages ``ceil(box / size)`` points per output pixel, an area filter when
     shrinking (the CPU path's ``antialias=True``) and bilinear when enlarging.
     """
-    sy = x.shape[-2] / sizes[:, 0].to(torch.float64)
-    sx = x.shape[-1] / sizes[:, 1].to(torch.float64)
+    scale = content.to(torch.float64) / sizes.to(torch.float64)  # (B, 2): y, x
     left, top, w, h = boxes.unbind(1)
+    sy, sx = scale.unbind(1)
     rois = torch.stack([torch.arange(len(x), device=x.device, dtype=torch.float64),
                         left * sx, top * sy, (left + w) * sx, (top + h) * sy], 1)
     return roi_align(x, rois.to(x.dtype), output_size=tuple(size), spatial_scale=1.0,
                      sampling_ratio=-1, aligned=True)
+
+
+def content_mask(x: Tensor, content: Tensor) -> Tensor:
+    """``(B, 1, H, W)``: 1 on each image's top-left ``content`` (h, w) pixels, 0 on padding."""
+    rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+    cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+    h, w = content[:, 0].view(-1, 1, 1), content[:, 1].view(-1, 1, 1)
+    return ((rows < h) & (cols < w)).unsqueeze(1).to(x.dtype)
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -123,8 +132,13 @@ def brightness(x: Tensor, f: Tensor) -> Tensor:
     return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def contrast(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
+def contrast(x: Tensor, f: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Blend with the mean luma; with ``mask`` (padded images) the mean of the content."""
+    if mask is None:
+        return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    mean = (grayscale(x) * mask).sum(dim=(1, 2, 3), keepdim=True) / mask.sum(
+        dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, f)
 
 
 def saturation(x: Tensor, f: Tensor) -> Tensor:
@@ -138,10 +152,11 @@ def hue(x: Tensor, f: Tensor) -> Tensor:
 
 
 def color_jitter(x: Tensor, ranges: Sequence[tuple[float, float] | None], p: float,
-                 g: torch.Generator) -> Tensor:
+                 g: torch.Generator, mask: Tensor | None = None) -> Tensor:
     """``RandomApply([ColorJitter(...)], p)`` per image: brightness, contrast, saturation, hue
     factors ``U(range)`` (``None``: that op is off) applied in a random order of the four per
     image (``ColorJitter.make_params``'s ``randperm``); an image left out keeps its pixels.
+    ``mask``: the content of padded images (before the crop; see :func:`contrast`).
 
     Each of the 4 positions evaluates every op on the whole batch and keeps it where that image
     has the op there: 16 cheap elementwise passes instead of a host-synchronising gather.
@@ -149,12 +164,13 @@ def color_jitter(x: Tensor, ranges: Sequence[tuple[float, float] | None], p: flo
     b, dev = x.shape[0], x.device
     applied = coin(b, p, g, dev)
     order = torch.rand(b, 4, generator=g, device=dev).argsort(1)  # a random permutation each
-    ops: list[Callable[[Tensor, Tensor], Tensor]] = [brightness, contrast, saturation, hue]
+    ops: list[Callable[..., Tensor]] = [brightness, contrast, saturation, hue]
     factors = [None if r is None else uniform(b, r[0], r[1], g, dev) for r in ranges]
     for pos in range(4):
         for k, (op, f) in enumerate(zip(ops, factors, strict=True)):
             if f is not None:
-                x = apply_where(applied & (order[:, pos] == k), op, x, f)
+                extra = (mask,) if k == 1 and mask is not None else ()
+                x = apply_where(applied & (order[:, pos] == k), op, x, f, *extra)
     return x
 
 
@@ -162,8 +178,19 @@ def random_grayscale(x: Tensor, p: float, g: torch.Generator) -> Tensor:
     return apply_where(coin(x.shape[0], p, g, x.device), lambda y: grayscale(y).expand_as(y), x)
 
 
-def random_flip(x: Tensor, p: float, g: torch.Generator) -> Tensor:
-    return apply_where(coin(x.shape[0], p, g, x.device), lambda y: y.flip(-1), x)
+def random_flip(x: Tensor, p: float, g: torch.Generator, content: Tensor | None = None
+                ) -> Tensor:
+    """Mirror with probability ``p``; with ``content`` (padded images) each image's content
+    columns are mirrored in place and the padding repeats the new last column (the old first:
+    :class:`~hirl_ray.data.device_views.DecodeFixed` pads by repeating the border)."""
+    flip = coin(x.shape[0], p, g, x.device)
+    if content is None:
+        return apply_where(flip, lambda y: y.flip(-1), x)
+    cols = torch.arange(x.shape[-1], device=x.device).view(1, -1)
+    w = content[:, 1:2]
+    src = torch.where(cols < w, w - 1 - cols, 0)  # (B, W): source column of each column
+    return apply_where(flip, lambda y, s: y.gather(-1, s.view(len(y), 1, 1, -1).expand_as(y)),
+                       x, src)
 
 
 def random_blur(x: Tensor, kernel_size: int, sigma: Sequence[float], p: float,

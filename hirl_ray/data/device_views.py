@@ -18,6 +18,7 @@ shows; only the resolution of the source is capped at :data:`DECODE_SCALE` × th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,44 +29,63 @@ from torchvision.transforms import v2
 from hirl_ray.config import ConfigError
 from hirl_ray.data import batch_ops as B
 from hirl_ray.data.base import TensorHierDataset
-from hirl_ray.data.transforms import MultiViewTransform, SeparableGaussianBlur, _to_rgb_image
+from hirl_ray.data.transforms import _BEFORE_CROP_OK, MultiViewTransform, _to_rgb_image
 
-#: Image files decode to a square of this many times the largest view's side: crops down to a
-#: quarter of the image area still come from at least as many pixels as the view has.
+#: Image files decode into a square of this many times the largest view's side: an image that
+#: fits is copied as it is (no resampling), a larger one shrinks to fit (aspect kept), so crops
+#: down to a quarter of the image's area still come from at least as many pixels as the view has.
 DECODE_SCALE = 2
 
 
 class DecodeFixed:
-    """The CPU side of ``augment_on: gpu``: image -> ``[uint8 (3, S, S), int64 (2,) = (H, W)]``.
+    """The CPU side of ``augment_on: gpu``: image -> ``[uint8 (3, S, S), int64 (4,)]``.
 
-    ``size``: the common square side, or ``None`` to keep images as they are (in-memory sets,
-    whose images share one size). A JPEG decodes at reduced size (``Image.draft``) as long as it
-    stays at least ``size`` per side; PIL's resize to the square is antialiased.
+    The image sits in the top-left corner of an edge-padded ``S x S`` square (shrunk to fit,
+    aspect kept, when larger: PIL's antialiased resize); the four numbers are its size
+    ``(H, W)``, in which crops are drawn, and the size ``(h, w)`` it has in the square.
+    ``size=None`` keeps images as they are (in-memory sets share one size). A JPEG decodes at
+    reduced size (``Image.draft``) while its longer side stays >= ``size``.
     """
 
     def __init__(self, size: int | None) -> None:
         self.size = size
 
     def max_reduction(self, width: int, height: int) -> int:
-        """Largest 1/2/4/8 reduction that keeps both sides >= ``size``."""
+        """Largest 1/2/4/8 reduction that keeps the longer side >= ``size``."""
+        if self.size is None:
+            return 1
         k = 8
-        while self.size is not None and k > 1 and min(width, height) / k < self.size:
+        while k > 1 and max(width, height) / k < self.size:
             k //= 2
-        return k if self.size is not None else 1
+        return k
 
     def __call__(self, image: Any) -> list[Tensor]:
         s = self.size
         if isinstance(image, Image.Image):
             hw = (image.height, image.width)
-            if s is not None and image.size != (s, s):
-                image = image.resize((s, s), Image.Resampling.BILINEAR)
-            out = _to_rgb_image(image)
+            if s is not None and max(hw) > s:
+                f = s / max(hw)
+                image = image.resize((max(1, round(hw[1] * f)), max(1, round(hw[0] * f))),
+                                     Image.Resampling.BILINEAR)
+            img = _to_rgb_image(image)
         else:
-            out = _to_rgb_image(image)
-            hw = tuple(out.shape[-2:])
-            if s is not None and hw != (s, s):
-                out = v2.functional.resize(out, [s, s], antialias=True)
-        return [out.as_subclass(Tensor), torch.tensor(hw, dtype=torch.int64)]
+            img = _to_rgb_image(image)
+            hw = tuple(img.shape[-2:])
+            if s is not None and max(hw) > s:
+                f = s / max(hw)
+                img = v2.functional.resize(img, [max(1, round(hw[0] * f)),
+                                                 max(1, round(hw[1] * f))], antialias=True)
+        img = img.as_subclass(Tensor)
+        h, w = img.shape[-2:]
+        if s is not None and (h, w) != (s, s):
+            # Edge-replicated padding: a crop's bilinear samples next to the content's border
+            # read the border pixel, as at an image's own border (zeros would darken the edge).
+            canvas = img.new_empty(3, s, s)
+            canvas[:, :h, :w] = img
+            canvas[:, :h, w:] = img[:, :, w - 1:]
+            canvas[:, h:, :] = canvas[:, h - 1:h, :]
+            img = canvas
+        return [img, torch.tensor([*hw, h, w], dtype=torch.int64)]
 
 
 def decode_size(dataset: Any, transform: MultiViewTransform) -> int | None:
@@ -78,7 +98,18 @@ def decode_size(dataset: Any, transform: MultiViewTransform) -> int | None:
     return DECODE_SCALE * max(sides, default=224)
 
 
-Op = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+@dataclass
+class Geometry:
+    """Where each image is in a batch: ``sizes`` (B, 2) = (H, W), the frame crops are drawn
+    in; ``content`` (B, 2) = (h, w), its top-left extent in the tensor (``None`` once cropped:
+    the whole tensor); ``mask`` the content as (B, 1, H', W') (``None`` when unpadded)."""
+
+    sizes: Tensor
+    content: Tensor | None
+    mask: Tensor | None
+
+
+Op = Callable[[Tensor, Geometry, torch.Generator], Tensor]
 
 
 def _jitter_ranges(cj: v2.ColorJitter) -> list[tuple[float, float] | None]:
@@ -87,36 +118,46 @@ def _jitter_ranges(cj: v2.ColorJitter) -> list[tuple[float, float] | None]:
 
 
 def _batched(op: Any, p: float = 1.0) -> Op | None:
-    """The batched restatement of one v2 op (``p``: its RandomApply probability), or None."""
+    """The batched restatement of one v2 op (``p``: its RandomApply probability), or None.
+
+    Ops before the crop see padded images: flips mirror each image's content in place (the
+    padding then repeats the new border), colour jitter takes the content's mean for contrast
+    (``Geometry``); the other per-pixel ops keep the padding a copy of the border as they are.
+    """
     if isinstance(op, v2.RandomApply):
         if len(op.transforms) != 1:
             return None
         return _batched(op.transforms[0], p * op.p)
     if isinstance(op, v2.RandomResizedCrop):
         size, scale, ratio = list(op.size), op.scale, op.ratio
-        return lambda x, hw, g: B.resized_crop(x, B.crop_boxes(hw, scale, ratio, g), hw, size)
+
+        def crop(x: Tensor, geo: Geometry, g: torch.Generator) -> Tensor:
+            content = geo.content if geo.content is not None else geo.sizes
+            out = B.resized_crop(x, B.crop_boxes(geo.sizes, scale, ratio, g), geo.sizes,
+                                 content, size)
+            geo.content = geo.mask = None  # from here on every pixel is the view's
+            return out
+        return crop
     if isinstance(op, v2.RandomHorizontalFlip):
         q = p * op.p
-        return lambda x, hw, g: B.random_flip(x, q, g)
+        return lambda x, geo, g: B.random_flip(x, q, g, geo.content)
     if isinstance(op, v2.ColorJitter):
         ranges = _jitter_ranges(op)
-        return lambda x, hw, g: B.color_jitter(x, ranges, p, g)
+        return lambda x, geo, g: B.color_jitter(x, ranges, p, g, geo.mask)
     if isinstance(op, v2.RandomGrayscale):
         q = p * op.p
-        return lambda x, hw, g: B.random_grayscale(x, q, g)
-    if isinstance(op, (v2.GaussianBlur, SeparableGaussianBlur)):
-        k, sigma = op.kernel_size, op.sigma
-        if k[0] != k[1]:
-            return None
-        return lambda x, hw, g: B.random_blur(x, k[0], sigma, p, g)
+        return lambda x, geo, g: B.random_grayscale(x, q, g)
+    if isinstance(op, v2.GaussianBlur) and op.kernel_size[0] == op.kernel_size[1]:
+        k, sigma = op.kernel_size[0], op.sigma
+        return lambda x, geo, g: B.random_blur(x, k, sigma, p, g)
     if isinstance(op, v2.RandomSolarize):
         q, t = p * op.p, float(op.threshold) / 255.0  # the CPU path solarises uint8 pixels
-        return lambda x, hw, g: B.random_solarize(x, t, q, g)
+        return lambda x, geo, g: B.random_solarize(x, t, q, g)
     if isinstance(op, v2.ToDtype) and p == 1.0:
-        return lambda x, hw, g: x  # the batch is float in [0, 1] already
+        return lambda x, geo, g: x  # the batch is float in [0, 1] already
     if isinstance(op, v2.Normalize) and p == 1.0:
         mean, std = torch.tensor(op.mean), torch.tensor(op.std)
-        return lambda x, hw, g: (x - mean.to(x.device).view(1, -1, 1, 1)) / std.to(
+        return lambda x, geo, g: (x - mean.to(x.device).view(1, -1, 1, 1)) / std.to(
             x.device).view(1, -1, 1, 1)
     return None
 
@@ -128,8 +169,14 @@ def batched_pipeline(pipeline: Any, where: str = "data.augment_on") -> list[Op]:
     if not isinstance(pipeline, v2.Compose) or not ops:
         raise ConfigError(f"{where}=gpu needs view pipelines built from torchvision v2 ops "
                           f"(v2.Compose), got {type(pipeline).__name__}; use {where}=cpu")
-    out = []
+    out, cropped = [], False
     for op in ops:
+        inner = op.transforms if isinstance(op, v2.RandomApply) else [op]
+        if not cropped and not all(isinstance(t, _BEFORE_CROP_OK) for t in inner) and not \
+                isinstance(op, v2.RandomResizedCrop):
+            raise ConfigError(f"{where}=gpu runs only flips and colour ops before the "
+                              f"RandomResizedCrop of a view, got {op!r}; use {where}=cpu")
+        cropped = cropped or isinstance(op, v2.RandomResizedCrop)
         fn = _batched(op)
         if fn is None:
             raise ConfigError(f"{where}=gpu cannot run the view op {op!r} on the device yet; "
@@ -166,17 +213,24 @@ class DeviceViews:
         return self._generators[device]
 
     def __call__(self, batch: Sequence[Tensor]) -> list[Tensor]:
-        images, sizes = batch
-        if images.dtype != torch.uint8 or images.ndim != 4 or sizes.shape != (len(images), 2):
-            raise ValueError("DeviceViews takes [uint8 (B, 3, S, S) images, (B, 2) sizes] from "
-                             f"DecodeFixed, got {images.dtype} {tuple(images.shape)} and "
-                             f"{tuple(sizes.shape)}")
+        images, geometry = batch
+        if images.dtype != torch.uint8 or images.ndim != 4 or geometry.shape != (len(images), 4):
+            raise ValueError("DeviceViews takes [uint8 (B, 3, S, S) images, (B, 4) geometry] "
+                             f"from DecodeFixed, got {images.dtype} {tuple(images.shape)} and "
+                             f"{tuple(geometry.shape)}")
         g = self.generator(images.device)
         x = images.float().div_(255.0).contiguous()
+        sizes, content = geometry[:, :2], geometry[:, 2:]
+        # Padded images need masked ops before the crop; on a GPU assume so (asking would wait
+        # for the device), on the CPU look.
+        full = torch.tensor(images.shape[-2:], device=content.device)
+        padded = x.device.type != "cpu" or bool((content != full).any())
+        mask = B.content_mask(x, content) if padded else None
         views = []
         for ops in self.pipelines:
+            geo = Geometry(sizes, content if padded else None, mask)
             v = x
             for op in ops:
-                v = op(v, sizes, g)
+                v = op(v, geo, g)
             views.append(v)
         return views
