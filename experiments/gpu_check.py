@@ -9,7 +9,10 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
    HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
 3. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
    features: NMI of the assignments per level (faiss-gpu differs run to run, so no bit equality).
-4. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
+4. ``augment_gpu`` — ``data.augment_on=gpu``: images/s of the device-side SimCLR views (2 x
+   224 px, a batch of 256) against the CPU path on one core, and a few SimCLR training steps
+   with the views made on the device (finite losses).
+5. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
    the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
@@ -197,9 +200,73 @@ def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
             "seconds": seconds, "hierarchy_version": versions, **knn}
 
 
+def check_augment_gpu(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Device-side views (``data.augment_on=gpu``) vs the CPU path; SimCLR steps with them."""
+    from torch.utils.data import DataLoader
+
+    from hirl_ray.config import load_config
+    from hirl_ray.data import ViewDataset, build_dataset
+    from hirl_ray.data.device_views import DecodeFixed, DeviceViews
+    from hirl_ray.data.transforms import multi_view_transform
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
+    from hirl_ray.train.steps import train_views
+
+    size, batch, cpu_images = (64, 16, 4) if quick else (224, 256, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU path as one loader worker runs it
+    try:
+        g = torch.Generator().manual_seed(0)
+        small = torch.rand(batch, 3, 24, 28, generator=g)  # smooth content, ~ImageNet's shape
+        images = (torch.nn.functional.interpolate(small, size=(size * 7 // 4, size * 2),
+                                                  mode="bilinear") * 255).to(torch.uint8)
+        transform = multi_view_transform(size)  # SimCLR's 2 views
+        start = time.thread_time()  # CPU seconds of this thread: one core, however busy
+        for im in images[:cpu_images]:
+            transform(im)
+        cpu_img_s = cpu_images / (time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    dec = DecodeFixed(2 * size)
+    decoded = [torch.stack(v).to(device) for v in zip(*[dec(im) for im in images], strict=True)]
+    views = DeviceViews(transform, seed=0)
+    views(decoded)  # warm-up (kernels, cuDNN plans)
+    reps = 1 if quick else 10
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = views(decoded)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dev_img_s = reps * batch / (time.perf_counter() - start)
+    shapes_ok = [tuple(v.shape) for v in out] == [(batch, 3, size, size)] * 2
+    # A few SimCLR steps with the views made on the device, through the loop's hook.
+    torch.manual_seed(0)
+    cfg = load_config(None, {"data.augment_on": "gpu", "train.use_gpu": True,
+                             "hirl.enabled": False, "data.train_per_class": 10,
+                             "model.width": 16 if quick else 64})
+    model = HirlModel.from_config(cfg).to(device)
+    train_set = build_dataset(cfg.data, "train")
+    cpu_side, augment = train_views(cfg, model.method, train_set, rank=0)
+    loader = DataLoader(ViewDataset(train_set, cpu_side), batch_size=64, shuffle=True,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    opt = build_optimizer(model.param_groups(), cfg.train)
+    steps = 2 if quick else 6
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    stats, _ = train_epoch(model, loader, opt, epoch=0, step=0, total_steps=steps,
+                           base_lr=cfg.train.lr, warmup_steps=0, hierarchy=StaticHierarchy(),
+                           device=device, scaler=scaler, max_steps=steps, augment=augment)
+    return {"ok": shapes_ok and math.isfinite(stats.loss), "views_img_s_device": dev_img_s,
+            "views_img_s_cpu_1core": cpu_img_s, "speedup_vs_1core": dev_img_s / cpu_img_s,
+            "batch": batch, "size": size, "views": 2, "train_loss": stats.loss,
+            "train_steps": stats.steps}
+
+
 CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
     "amp_steps": check_amp_steps, "path_loss": check_path_loss,
-    "faiss_gpu": check_faiss_gpu, "ray_fit": check_ray_fit,
+    "faiss_gpu": check_faiss_gpu, "augment_gpu": check_augment_gpu, "ray_fit": check_ray_fit,
 }
 
 
