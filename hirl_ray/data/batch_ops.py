@@ -74,7 +74,7 @@ def crop_boxes(sizes: Tensor, scale: Sequence[float], ratio: Sequence[float],
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(1, keepdim=True)  # first fitting try (0 if none)
+    first = fits.float().argmax(1, keepdim=True)  # first fitting try (0 if none)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     height, width = height.squeeze(1), width.squeeze(1)
     found = fits.any(1)

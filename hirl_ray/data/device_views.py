@@ -191,8 +191,8 @@ def batched_pipeline(pipeline: Any, where: str = "data.augment_on") -> list[Op]:
 class DeviceViews:
     """The method's views of a decoded batch, made where the batch is (``augment_on: gpu``).
 
-    ``DeviceViews(method.transform(data_cfg), seed)([images, sizes])`` with ``images`` uint8
-    ``(B, 3, S, S)`` and ``sizes`` ``(B, 2)`` from :class:`DecodeFixed` returns one normalised
+    ``DeviceViews(method.transform(data_cfg), seed)([images, geometry])`` with ``images`` uint8
+    ``(B, 3, S, S)`` and ``geometry`` ``(B, 4)`` from :class:`DecodeFixed` returns one normalised
     float ``(B, 3, H_i, W_i)`` tensor per view pipeline, in the pipelines' order; every image
     draws its own crop, flip, jitter, grayscale, blur and solarisation. The random stream is a
     ``torch.Generator`` on the batch's device, seeded once, continued from batch to batch.
