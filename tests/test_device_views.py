@@ -214,6 +214,23 @@ def test_unsupported_op_is_a_config_error():
         batched_pipeline(v2.Compose([v2.RandomHorizontalFlip()]))
 
 
+def test_every_builtin_method_has_device_views():
+    """The driver's check (before Ray) restates each built-in method's views at its preset."""
+    from pathlib import Path
+
+    from hirl_ray.data.device_views import check_method_views
+    from hirl_ray.methods import METHODS
+
+    presets = Path(__file__).resolve().parents[1] / "experiments" / "small"
+    checked = {}
+    for name, cls in METHODS.items():
+        if cls.__module__.startswith("hirl_ray."):
+            cfg = load_config(presets / f"{name}.yaml")
+            checked[name] = check_method_views(cls, cfg.method, cfg.data)
+    assert checked["dino"] == 2 + 4 and checked["simclr"] == 2 and checked["beit"] == 1
+    assert all(n > 0 for n in checked.values()), checked
+
+
 def test_augment_on_config_checks():
     with pytest.raises(ConfigError, match="data.augment_on=gpu .* needs train.use_gpu=true"):
         load_config(None, {"data.augment_on": "gpu"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -186,6 +187,23 @@ def batched_pipeline(pipeline: Any, where: str = "data.augment_on") -> list[Op]:
         raise ConfigError(f"{where}=gpu needs a RandomResizedCrop in every view pipeline (it "
                           f"sets the view's size); use {where}=cpu")
     return out
+
+
+def check_method_views(method_cls: Any, method_cfg: Any, data_cfg: Any) -> int:
+    """Refuse, before Ray starts, a method whose views the device path cannot make.
+
+    Calls the method class's ``transform(data_cfg)`` with only its config (the transforms of
+    the built-in methods read nothing else, so no network is built on the driver) and restates
+    each pipeline; returns the number of views. A transform that needs the built method is
+    checked when the workers build it (returns 0).
+    """
+    try:
+        transform = method_cls.transform(SimpleNamespace(cfg=method_cfg), data_cfg)
+    except AttributeError:
+        return 0
+    for pipeline in transform.transforms:
+        batched_pipeline(pipeline)
+    return len(transform.transforms)
 
 
 class DeviceViews:
