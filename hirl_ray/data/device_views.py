@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from hirl_ray.config import ConfigError
 from hirl_ray.data import batch_ops as B
 from hirl_ray.data.base import TensorHierDataset
-from hirl_ray.data.transforms import _BEFORE_CROP_OK, MultiViewTransform, _to_rgb_image
+from hirl_ray.data.transforms import BEFORE_CROP_OK, MultiViewTransform, _to_rgb_image
 
 #: Image files decode into a square of this many times the largest view's side: an image that
 #: fits is copied as it is (no resampling), a larger one shrinks to fit (aspect kept), so crops
@@ -173,7 +173,7 @@ def batched_pipeline(pipeline: Any, where: str = "data.augment_on") -> list[Op]:
     out, cropped = [], False
     for op in ops:
         inner = op.transforms if isinstance(op, v2.RandomApply) else [op]
-        if not cropped and not all(isinstance(t, _BEFORE_CROP_OK) for t in inner) and not \
+        if not cropped and not all(isinstance(t, BEFORE_CROP_OK) for t in inner) and not \
                 isinstance(op, v2.RandomResizedCrop):
             raise ConfigError(f"{where}=gpu runs only flips and colour ops before the "
                               f"RandomResizedCrop of a view, got {op!r}; use {where}=cpu")

@@ -65,11 +65,12 @@ class SeparableGaussianBlur(v2.GaussianBlur):
     """``v2.GaussianBlur`` with the same kernel applied as two 1-D passes.
 
     torchvision convolves with the full k×k kernel (``functional/_misc.py``): at 224 px the
-    SimCLR kernel is 23×23, 529 multiply-adds per pixel, and the blur took ~50 ms of a ~60 ms
-    view on one core (``experiments/bench/bench_pipeline.py``). The Gaussian is separable (its
-    2-D kernel is the outer product of the 1-D one), so a row pass then a column pass gives the
-    same image up to float rounding for 2k instead of k² multiply-adds. Same parameters and the
-    same random draw (``make_params``) as the class it replaces.
+    SimCLR kernel is 23×23, 529 multiply-adds per pixel, and with a small sigma its tails are
+    subnormal floats (see :func:`gaussian_kernel1d`): the blur took ~50 ms of a ~60 ms view on
+    one core (``experiments/bench/bench_pipeline.py``). The Gaussian is separable (its 2-D kernel
+    is the outer product of the 1-D one), so a row pass then a column pass gives the same image
+    up to float rounding for 2k instead of k² multiply-adds. Same parameters and the same random
+    draw (``make_params``) as the class it replaces.
     """
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -163,15 +164,15 @@ class MultiViewTransform:
 #: Ops that may come before the random-resized-crop of a pipeline that is decoded at reduced size:
 #: they act per pixel or mirror, so they commute with the reduction (colour jitter's contrast
 #: uses the image mean, which the reduction keeps).
-_BEFORE_CROP_OK = (v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale)
+BEFORE_CROP_OK = (v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale)
 
 
 def pipeline_reduction(pipeline: Any, width: int, height: int) -> int:
-    """Largest power of two ``k <= 8`` such that decoding at ``1/k`` of the size changes nothing
-    a pipeline draws: its random-resized-crop (area scale and aspect ratio relative to the whole
-    image, which the reduction keeps) then still cuts every crop it can draw from at least
-    ``size`` source pixels per side, so each view is a downscale either way; only resampling
-    differs, not the crop distribution nor the detail (a smaller crop would be upsampled).
+    """Largest power of two ``k <= 8`` such that decoding at ``1/k`` of the size changes no view
+    of ``pipeline`` but for resampling. Its random-resized-crop draws area and aspect ratio
+    relative to the image, so the crop distribution is the same at any size; ``k`` is chosen
+    so that every crop it can draw still spans at least ``size`` source pixels per side: each
+    view is then a downscale either way, and none is upsampled that was not before.
 
     The smallest crop side of ``RandomResizedCrop(size, scale, ratio)`` on a ``W x H`` image is
     ``sqrt(W*H * scale_min * min(ratio_min, 1/ratio_max))`` (its central fallback crops are
@@ -190,7 +191,7 @@ def pipeline_reduction(pipeline: Any, width: int, height: int) -> int:
             while k > 1 and smallest / k < max(op.size):
                 k //= 2
             return k
-        if not all(isinstance(t, _BEFORE_CROP_OK) for t in inner):
+        if not all(isinstance(t, BEFORE_CROP_OK) for t in inner):
             return 1
     return 1
 
