@@ -12,7 +12,9 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
 4. ``augment_gpu`` — ``data.augment_on=gpu``: images/s of the device-side SimCLR views (2 x
    224 px, a batch of 256) against the CPU path on one core, and a few SimCLR training steps
    with the views made on the device (finite losses).
-5. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
+5. ``channels_last`` — informative: AMP training-step time of a ResNet-50 (batch 64, 224 px)
+   with NCHW vs channels-last model and inputs (the loop converts inputs only on the CPU).
+6. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
    the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
@@ -264,9 +266,58 @@ def check_augment_gpu(device: torch.device, quick: bool) -> dict[str, Any]:
             "train_steps": stats.steps}
 
 
+def check_channels_last(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Step time of a ResNet (AMP on CUDA) with NCHW vs channels-last model and batch."""
+    import torchvision
+
+    arch, batch, size, reps = ("resnet18", 4, 64, 2) if quick else ("resnet50", 64, 224, 10)
+    on_cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    models, opts = {}, {}
+    for fmt in times:
+        torch.manual_seed(0)
+        m = getattr(torchvision.models, arch)().to(device)
+        if fmt == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+        models[fmt], opts[fmt] = m, torch.optim.SGD(m.parameters(), lr=0.01)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    scaler = torch.amp.GradScaler("cuda") if on_cuda else None
+
+    def step(fmt: str) -> float:
+        inp = x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=on_cuda):
+            loss = torch.nn.functional.cross_entropy(models[fmt](inp), y)
+        opts[fmt].zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opts[fmt])
+            scaler.update()
+        else:
+            loss.backward()
+            opts[fmt].step()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for r in range(reps + 2):  # 2 warm-up rounds (cuDNN autotuning), then interleaved
+        for fmt in times:
+            t = step(fmt)
+            if r >= 2:
+                times[fmt].append(t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"ok": True, "arch": arch, "batch": batch, "size": size,
+            "step_s": med, "nchw_over_channels_last": med["nchw"] / med["channels_last"],
+            "img_s_channels_last": batch / med["channels_last"]}
+
+
 CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
     "amp_steps": check_amp_steps, "path_loss": check_path_loss,
-    "faiss_gpu": check_faiss_gpu, "augment_gpu": check_augment_gpu, "ray_fit": check_ray_fit,
+    "faiss_gpu": check_faiss_gpu, "augment_gpu": check_augment_gpu,
+    "channels_last": check_channels_last, "ray_fit": check_ray_fit,
 }
 
 
