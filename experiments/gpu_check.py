@@ -12,7 +12,12 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
    HIRL Eq. 4-6 on the CPU with the same negatives (value and gradient).
 4. ``faiss_gpu`` — the prototype hierarchy built with faiss-gpu against faiss-cpu on the same
    features: NMI of the assignments per level (faiss-gpu differs run to run, so no bit equality).
-5. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
+5. ``augment_gpu`` — ``data.augment_on=gpu``: images/s of the device-side SimCLR views (2 x
+   224 px, a batch of 256) against the CPU path on one core, and a few SimCLR training steps
+   with the views made on the device (finite losses).
+6. ``channels_last`` — informative: AMP training-step time of a ResNet-50 (batch 64, 224 px)
+   with NCHW vs channels-last model and inputs (the loop converts inputs only on the CPU).
+7. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
    the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
@@ -278,9 +283,122 @@ def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
             "seconds": seconds, "hierarchy_version": versions, **knn}
 
 
+def check_augment_gpu(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Device-side views (``data.augment_on=gpu``) vs the CPU path; SimCLR steps with them."""
+    from torch.utils.data import DataLoader
+
+    from hirl_ray.config import load_config
+    from hirl_ray.data import ViewDataset, build_dataset
+    from hirl_ray.data.device_views import DecodeFixed, DeviceViews
+    from hirl_ray.data.transforms import multi_view_transform
+    from hirl_ray.methods.hirl import HirlModel
+    from hirl_ray.train.loop import StaticHierarchy, train_epoch
+    from hirl_ray.train.optim import build_optimizer
+    from hirl_ray.train.steps import train_views
+
+    size, batch, cpu_images = (64, 16, 4) if quick else (224, 256, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU path as one loader worker runs it
+    try:
+        g = torch.Generator().manual_seed(0)
+        small = torch.rand(batch, 3, 24, 28, generator=g)  # smooth content, ~ImageNet's shape
+        images = (torch.nn.functional.interpolate(small, size=(size * 7 // 4, size * 2),
+                                                  mode="bilinear") * 255).to(torch.uint8)
+        transform = multi_view_transform(size)  # SimCLR's 2 views
+        start = time.thread_time()  # CPU seconds of this thread: one core, however busy
+        for im in images[:cpu_images]:
+            transform(im)
+        cpu_img_s = cpu_images / (time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    dec = DecodeFixed(2 * size)
+    decoded = [torch.stack(v).to(device) for v in zip(*[dec(im) for im in images], strict=True)]
+    views = DeviceViews(transform, seed=0)
+    views(decoded)  # warm-up (kernels, cuDNN plans)
+    reps = 1 if quick else 10
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = views(decoded)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dev_img_s = reps * batch / (time.perf_counter() - start)
+    shapes_ok = [tuple(v.shape) for v in out] == [(batch, 3, size, size)] * 2
+    # A few SimCLR steps with the views made on the device, through the loop's hook.
+    torch.manual_seed(0)
+    cfg = load_config(None, {"data.augment_on": "gpu", "train.use_gpu": True,
+                             "hirl.enabled": False, "data.train_per_class": 10,
+                             "model.width": 16 if quick else 64})
+    model = HirlModel.from_config(cfg).to(device)
+    train_set = build_dataset(cfg.data, "train")
+    cpu_side, augment = train_views(cfg, model.method, train_set, rank=0)
+    loader = DataLoader(ViewDataset(train_set, cpu_side), batch_size=64, shuffle=True,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    opt = build_optimizer(model.param_groups(), cfg.train)
+    steps = 2 if quick else 6
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    stats, _ = train_epoch(model, loader, opt, epoch=0, step=0, total_steps=steps,
+                           base_lr=cfg.train.lr, warmup_steps=0, hierarchy=StaticHierarchy(),
+                           device=device, scaler=scaler, max_steps=steps, augment=augment)
+    return {"ok": shapes_ok and math.isfinite(stats.loss), "views_img_s_device": dev_img_s,
+            "views_img_s_cpu_1core": cpu_img_s, "speedup_vs_1core": dev_img_s / cpu_img_s,
+            "batch": batch, "size": size, "views": 2, "train_loss": stats.loss,
+            "train_steps": stats.steps}
+
+
+def check_channels_last(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Step time of a ResNet (AMP on CUDA) with NCHW vs channels-last model and batch."""
+    import torchvision
+
+    arch, batch, size, reps = ("resnet18", 4, 64, 2) if quick else ("resnet50", 64, 224, 10)
+    on_cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+    models, opts = {}, {}
+    for fmt in times:
+        torch.manual_seed(0)
+        m = getattr(torchvision.models, arch)().to(device)
+        if fmt == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+        models[fmt], opts[fmt] = m, torch.optim.SGD(m.parameters(), lr=0.01)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    scaler = torch.amp.GradScaler("cuda") if on_cuda else None
+
+    def step(fmt: str) -> float:
+        inp = x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, enabled=on_cuda):
+            loss = torch.nn.functional.cross_entropy(models[fmt](inp), y)
+        opts[fmt].zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opts[fmt])
+            scaler.update()
+        else:
+            loss.backward()
+            opts[fmt].step()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for r in range(reps + 2):  # 2 warm-up rounds (cuDNN autotuning), then interleaved
+        for fmt in times:
+            t = step(fmt)
+            if r >= 2:
+                times[fmt].append(t)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"ok": True, "arch": arch, "batch": batch, "size": size,
+            "step_s": med, "nchw_over_channels_last": med["nchw"] / med["channels_last"],
+            "img_s_channels_last": batch / med["channels_last"]}
+
+
 CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
     "amp_steps": check_amp_steps, "host_syncs": check_host_syncs, "path_loss": check_path_loss,
-    "faiss_gpu": check_faiss_gpu, "ray_fit": check_ray_fit,
+    "faiss_gpu": check_faiss_gpu, "augment_gpu": check_augment_gpu,
+    "channels_last": check_channels_last, "ray_fit": check_ray_fit,
 }
 
 

@@ -142,6 +142,8 @@ def check_fraction(key: str, value: float, upper_open: bool = True) -> None:
 
 #: ``data.on_bad_file``: what an unreadable image file does.
 ON_BAD_FILE = ("error", "skip")
+#: Where the training views are made: the loader's CPU workers, or the worker's GPU (batched).
+AUGMENT_ON = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,9 @@ class DataConfig:
     # An unreadable image (corrupt, truncated, empty, not an image): error = stop naming the
     # file; skip = use the next readable one, counted in data/bad_files_skipped.
     on_bad_file: str = "error"
+    # cpu: the loader's workers make the views (PIL + torchvision); gpu: they only decode, and
+    # the views are made batched on the worker's GPU (hirl_ray.data.device_views).
+    augment_on: str = "cpu"
 
     def __post_init__(self) -> None:
         # A relative local root means "from where the command runs": made absolute here, on the
@@ -171,6 +176,7 @@ class DataConfig:
         check_positive(self, where, "image_size", "train_per_class", "test_per_class")
         check_positive(self, where, "loader_workers", strict=False)
         check_choice(f"{where}.on_bad_file", self.on_bad_file, ON_BAD_FILE)
+        check_choice(f"{where}.augment_on", self.augment_on, AUGMENT_ON)
         check_choice(f"{where}.name", self.name, DATASETS.names())
         if getattr(DATASETS.get(self.name), "needs_root", True) and not self.root:
             raise ConfigError(f"{where}.root is required for {where}.name={self.name!r}; "
@@ -720,6 +726,9 @@ def _check_across_sections(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"method {cfg.method.name} masks patch tokens and needs a ViT "
                           f"backbone (model.backbone: vit_tiny or vit_b_16), got "
                           f"{cfg.model.backbone}")
+    if cfg.data.augment_on == "gpu" and not cfg.train.use_gpu:
+        raise ConfigError("data.augment_on=gpu makes the views on the workers' GPUs and needs "
+                          "train.use_gpu=true; set it, or use data.augment_on=cpu")
     check = getattr(cfg.method, "check_experiment", None)
     if check is not None:
         check(cfg)  # a method's own cross-section checks (e.g. crop sizes vs patch size)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from hirl_ray import storage
-from hirl_ray.config import ConfigError, ExperimentConfig
+from hirl_ray.config import METHODS, ConfigError, ExperimentConfig
 from hirl_ray.data import describe_split
 from hirl_ray.hierarchy.memory import (
     RebuildMemory,
@@ -183,6 +183,10 @@ def inspect_data(cfg: ExperimentConfig) -> DataFacts:
     With a local Ray, also compares the rebuild's memory estimate with this machine (warns,
     or raises when it cannot fit).
     """
+    if cfg.data.augment_on == "gpu":  # the method's views must be restatable on the device
+        from hirl_ray.data.device_views import check_method_views
+
+        check_method_views(METHODS.get(cfg.method.name), cfg.method, cfg.data)
     train = describe_split(cfg.data, "train")
     test = describe_split(cfg.data, "test")
     _check_files(cfg, train.bad_files + test.bad_files)

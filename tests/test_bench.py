@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.bench import bench_memory, bench_path_loss, bench_peer, bench_rebuild, run
+from experiments.bench import (
+    bench_memory,
+    bench_path_loss,
+    bench_peer,
+    bench_pipeline,
+    bench_rebuild,
+    run,
+)
 from experiments.bench.common import write_json
 from hirl_ray.losses import semantic_path as loss_mod
 from hirl_ray.losses.semantic_path import semantic_path_loss
@@ -24,6 +31,7 @@ MODULES = (
     "bench_hirl_overhead",
     "bench_ray",
     "bench_peer",
+    "bench_pipeline",
     "run",
     "common",
     "harness",
@@ -201,3 +209,16 @@ def test_run_table_and_markdown_list_every_target():
         quick=True,
     )
     assert "| x | speed | 31.5 | >= 30 | ✅ |" in md and "make bench-quick" in md
+
+
+def test_pipeline_bench_tiny():
+    """Issue 15: per-core images/s of each pipeline on JPEGs it writes, and cores per GPU."""
+    doc = bench_pipeline.run(small=2, large=1, repeats=1)
+    assert DOC_KEYS <= set(doc)
+    ips = doc["figures"]["images_per_s"]
+    for name in ("decode", "simclr before", "simclr +sep_blur", "dino before", "dino +sep_blur",
+                 "gpu_decode"):
+        assert ips["small"][name] > 0
+    assert ips["large"]["simclr +sep_blur +draft"] > 0
+    cores = doc["figures"]["cores_per_gpu"]
+    assert cores["simclr +sep_blur"] > 0 and "A100" in doc["figures"]["gpu_source"]

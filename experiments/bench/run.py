@@ -19,7 +19,8 @@ from typing import Any
 
 from experiments.bench.common import RESULTS_DIR, machine_info
 
-BENCHES = ("path_loss", "rebuild", "memory", "async", "hirl_overhead", "ray", "peer")
+BENCHES = ("path_loss", "rebuild", "memory", "async", "hirl_overhead", "ray", "peer",
+           "pipeline")
 REPO = Path(__file__).resolve().parents[2]
 
 

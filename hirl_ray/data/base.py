@@ -37,6 +37,13 @@ class HierDataset(Dataset):
         """The raw image of sample ``i`` (subclasses implement this)."""
         raise NotImplementedError
 
+    def load(self, i: int, max_reduction: Callable[[int, int], int] | None = None) -> Any:
+        """:meth:`image` for a transform: datasets that decode files may decode at up to
+        ``max_reduction(width, height)`` times smaller per side (the transform's
+        ``max_reduction``: a size at which its output does not change). In-memory sets ignore
+        it."""
+        return self.image(i)
+
     def bad_file_mask(self) -> torch.Tensor | None:
         """``(N,)`` uint8, 1 where an unreadable file was skipped (``data.on_bad_file=skip``);
         ``None`` for sets that read no files per sample."""
@@ -102,8 +109,12 @@ class ViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        image, index = self.base[i]
-        return self.transform(image), index
+        load = getattr(self.base, "load", None)
+        if load is None:  # any map-style dataset of (image, index)
+            image, index = self.base[i]
+            return self.transform(image), index
+        # A transform that knows its crops lets a file be decoded at reduced size (draft).
+        return self.transform(load(i, getattr(self.transform, "max_reduction", None))), int(i)
 
 
 def label_parents(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode the whole file now (a truncated one fails here, not in a transform); 8-bit RGB."""
+def load_rgb(path: str, max_reduction: Callable[[int, int], int] | None = None) -> Image.Image:
+    """Decode the whole file now (a truncated one fails here, not in a transform); 8-bit RGB.
+
+    ``max_reduction(width, height)``: how many times smaller per side (1, 2, 4, 8) the caller's
+    transform can take the image without a change (``MultiViewTransform.max_reduction``); a JPEG
+    is then decoded at that scale by libjpeg's DCT scaling (``Image.draft``), which skips most
+    of the decoding work of a large photo. Other formats decode in full.
+    """
     img = Image.open(path)  # by name: Pillow closes the file once the pixels are loaded
     try:
+        if max_reduction is not None and img.format == "JPEG":
+            k = max_reduction(*img.size)
+            if k > 1:  # draft gives the largest DCT scale whose size is >= the one asked
+                img.draft(img.mode, (img.width // k, img.height // k))
         img.load()
     except BaseException:
         img.close()
@@ -154,7 +165,12 @@ class ImageFolderDataset(HierDataset):
         # write the same bytes, so the parent process sees what they found.
         self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
-    def image(self, i: int) -> Image.Image:
+    def load(self, i: int, max_reduction: Callable[[int, int], int] | None = None) -> Image.Image:
+        """:meth:`image`, a JPEG decoded at reduced size where allowed (:func:`load_rgb`)."""
+        return self.image(i, max_reduction)
+
+    def image(self, i: int, max_reduction: Callable[[int, int], int] | None = None
+              ) -> Image.Image:
         """Sample ``i`` as RGB; an unreadable file raises or is replaced (``on_bad_file``)."""
         n = len(self.paths)
         for j in (i + step for step in range(n)):
@@ -162,7 +178,7 @@ class ImageFolderDataset(HierDataset):
             if self._bad[j]:
                 continue
             try:
-                return load_rgb(self.paths[j])
+                return load_rgb(self.paths[j], max_reduction)
             # Whatever a decoder raises on a damaged file (OSError, SyntaxError, struct.error,
             # DecompressionBombError, …) means this file is bad.
             except Exception as e:  # noqa: BLE001

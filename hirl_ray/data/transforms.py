@@ -8,10 +8,13 @@ training views with :class:`MultiViewTransform` (one pipeline per view, ``SSLMet
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +29,61 @@ def _to_rgb_image(image: Any) -> torch.Tensor:
     if out.shape[-3] == 1:  # grayscale: replicate so every backbone sees 3 channels
         out = out.repeat(3, 1, 1)
     return out
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """``(B, kernel_size)`` Gaussian weights for ``B`` sigmas, as torchvision builds its kernel
+    (``exp(-x²/2σ²)`` at integer offsets, normalised; the 2-D kernel is the outer product)."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, kernel_size, dtype=sigma.dtype, device=sigma.device)
+    k = torch.softmax(-(x / sigma[:, None]).pow(2), dim=1)
+    # A small sigma (0.1) gives tail weights of 1e-40 and below: subnormal floats, which x86
+    # CPUs multiply ~100x slower (the blur took 70 ms per 224-px view). Below 1e-20 a weight
+    # moves no pixel by 1e-17, so it is set to 0.
+    return k.masked_fill(k < 1e-20, 0.0)
+
+
+def separable_blur(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Blur float ``(B, C, H, W)`` with a 1-D kernel per image (``weights``: ``(B, k)``, or
+    ``(1, k)`` for all), rows then columns, reflect-padded as ``v2.functional.gaussian_blur``."""
+    b, c, h, w = x.shape
+    k = weights.shape[1]
+    y = F.pad(x, [k // 2] * 4, mode="reflect")
+    if weights.shape[0] == 1:  # one kernel: a plain 1-channel conv (2x faster than grouped on CPU)
+        y = y.reshape(b * c, 1, h + k - 1, w + k - 1)
+        wk = weights.to(x.dtype)
+        y = F.conv2d(F.conv2d(y, wk.view(1, 1, 1, k)), wk.view(1, 1, k, 1))
+        return y.view(b, c, h, w)
+    wk = weights.to(x.dtype).repeat_interleave(c, 0)  # (B*C, k): one filter per channel
+    y = y.reshape(1, b * c, h + k - 1, w + k - 1)
+    y = F.conv2d(y, wk.view(b * c, 1, 1, k), groups=b * c)
+    y = F.conv2d(y, wk.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+class SeparableGaussianBlur(v2.GaussianBlur):
+    """``v2.GaussianBlur`` with the same kernel applied as two 1-D passes.
+
+    torchvision convolves with the full k×k kernel (``functional/_misc.py``): at 224 px the
+    SimCLR kernel is 23×23, 529 multiply-adds per pixel, and with a small sigma its tails are
+    subnormal floats (see :func:`gaussian_kernel1d`): the blur took ~50 ms of a ~60 ms view on
+    one core (``experiments/bench/bench_pipeline.py``). The Gaussian is separable (its 2-D kernel
+    is the outer product of the 1-D one), so a row pass then a column pass gives the same image
+    up to float rounding for 2k instead of k² multiply-adds. Same parameters and the same random
+    draw (``make_params``) as the class it replaces.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or self.kernel_size[0] != self.kernel_size[1]:
+            return super().transform(inpt, params)
+        x = inpt.as_subclass(torch.Tensor)
+        dtype, shape = x.dtype, x.shape
+        xf = x.reshape(-1, *shape[-3:]).float()
+        sigma = torch.tensor([params["sigma"][0]])
+        out = separable_blur(xf, gaussian_kernel1d(self.kernel_size[0], sigma)).reshape(shape)
+        if not dtype.is_floating_point:
+            out = out.round_().to(dtype)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
 def simclr_view(image_size: int, strength: float = 1.0,
@@ -61,7 +119,7 @@ def simclr_view(image_size: int, strength: float = 1.0,
     blur = 0.5 if blur is None else blur
     if image_size >= 96 and blur > 0:
         kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
+        ops.append(v2.RandomApply([SeparableGaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
     if solarize > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=solarize))  # on uint8: pixels >= 128
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
@@ -91,10 +149,51 @@ class MultiViewTransform:
         """Views produced per image."""
         return len(self.transforms)
 
+    def max_reduction(self, width: int, height: int) -> int:
+        """How much smaller (1, 2, 4 or 8 per side) a ``width`` x ``height`` JPEG may be decoded
+        without changing any view (used with ``Image.draft``, :func:`~hirl_ray.data.folder.
+        load_rgb`): the smallest over the pipelines of :func:`pipeline_reduction`."""
+        return min(pipeline_reduction(t, width, height) for t in self.transforms)
+
     def __call__(self, image: Any) -> list[torch.Tensor]:
         img = _to_rgb_image(image)
         # as_subclass: plain tensors collate and serialise like any other tensor.
         return [t(img).as_subclass(torch.Tensor) for t in self.transforms]
+
+
+#: Ops that may come before the random-resized-crop of a pipeline that is decoded at reduced size:
+#: they act per pixel or mirror, so they commute with the reduction (colour jitter's contrast
+#: uses the image mean, which the reduction keeps).
+BEFORE_CROP_OK = (v2.RandomHorizontalFlip, v2.ColorJitter, v2.RandomGrayscale)
+
+
+def pipeline_reduction(pipeline: Any, width: int, height: int) -> int:
+    """Largest power of two ``k <= 8`` such that decoding at ``1/k`` of the size changes no view
+    of ``pipeline`` but for resampling. Its random-resized-crop draws area and aspect ratio
+    relative to the image, so the crop distribution is the same at any size; ``k`` is chosen
+    so that every crop it can draw still spans at least ``size`` source pixels per side: each
+    view is then a downscale either way, and none is upsampled that was not before.
+
+    The smallest crop side of ``RandomResizedCrop(size, scale, ratio)`` on a ``W x H`` image is
+    ``sqrt(W*H * scale_min * min(ratio_min, 1/ratio_max))`` (its central fallback crops are
+    larger). A pipeline this cannot reason about (anything but a ``v2.Compose`` whose geometry is
+    one random-resized-crop after flips/colour ops) gets 1: no reduction.
+    """
+    ops = getattr(pipeline, "transforms", None)
+    if not isinstance(pipeline, v2.Compose) or not ops:
+        return 1
+    for op in ops:
+        inner = op.transforms if isinstance(op, v2.RandomApply) else [op]
+        if isinstance(op, v2.RandomResizedCrop):
+            ratio = min(op.ratio[0], 1.0 / op.ratio[1])
+            smallest = math.sqrt(width * height * op.scale[0] * ratio)
+            k = 8
+            while k > 1 and smallest / k < max(op.size):
+                k //= 2
+            return k
+        if not all(isinstance(t, BEFORE_CROP_OK) for t in inner):
+            return 1
+    return 1
 
 
 class MultiView(MultiViewTransform):
@@ -171,6 +270,14 @@ class EvalTransform:
         self.normalise = v2.Compose(
             [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
         )
+
+    def max_reduction(self, width: int, height: int) -> int:
+        """JPEG reduction (``Image.draft``) that keeps the short side >= the resize target."""
+        target = int(round(self.image_size / CROP_RATIO))
+        k = 8
+        while k > 1 and min(width, height) / k < target:
+            k //= 2
+        return k
 
     def __call__(self, image: Any) -> torch.Tensor:
         img = _to_rgb_image(image)

@@ -9,7 +9,7 @@ parameter groups (:mod:`hirl_ray.train.optim`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,7 +111,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 generator: torch.Generator | None = None,
                 max_steps: int | None = None, poll_every: int = 1,
                 weight_decay: tuple[float, float | None] | None = None,
-                guard: NanGuard | None = None, min_lr: float = 0.0) -> tuple[EpochStats, int]:
+                guard: NanGuard | None = None, min_lr: float = 0.0,
+                augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+                ) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
@@ -137,6 +139,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     and before the hook, and restores a skipped step after ``update_target``; the host reads its
     counters every ``guard.check_every`` steps and at the end, where it may raise
     :class:`~hirl_ray.train.numerics.NonFiniteError`. Skipped steps are left out of the averages.
+
+    ``augment`` (``data.augment_on=gpu``: a :class:`~hirl_ray.data.device_views.DeviceViews`)
+    turns the loader's decoded batch, once on the device, into the method's views.
     """
     model.train()
     inner = unwrap(model)
@@ -165,6 +170,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             wd = weight_decay_schedule(weight_decay[0], weight_decay[1], step / total_steps)
         apply_schedule(optimizer, lr, base_lr, wd)
         views = [_to_device(v, device) for v in views]
+        if augment is not None:  # data.augment_on=gpu: the views are made here, batched
+            views = [_to_device(v, device) for v in augment(views)]
         index = index.to(device, non_blocking=True)
         if step == nan_step:
             views[0] = torch.full_like(views[0], float("nan"))

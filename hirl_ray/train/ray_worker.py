@@ -56,6 +56,7 @@ from hirl_ray.train.steps import (
     online_eval_inputs,
     registering_modules,
     train_one_epoch,
+    train_views,
 )
 
 log = get_logger(__name__)
@@ -76,7 +77,8 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     train_set = build_dataset(cfg.data, "train")
     run = build_parts(cfg, rank, world, device)  # HirlModel, its param groups -> optimiser
     run.train_set = train_set  # counts the files data.on_bad_file=skip replaced
-    transform = run.model.method.transform(cfg.data)  # the method's views
+    # The method's views, or (data.augment_on=gpu) decoding here and the views on the device.
+    transform, run.augment = train_views(cfg, run.model.method, train_set, rank)
     run.loader = ray.train.torch.prepare_data_loader(  # Ray 2: device transfer
         build_train_loader(cfg, train_set, transform, rank, world))
     run.feature_loader = ray.train.torch.prepare_data_loader(

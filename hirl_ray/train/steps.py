@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hirl_ray.config import BACKBONES, DATASETS, METHODS, PROTOCOLS, ExperimentConfig
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
+from hirl_ray.data.device_views import DecodeFixed, DeviceViews, decode_size
 from hirl_ray.eval.report import run_evaluation
 from hirl_ray.methods.distributed import convert_sync_batchnorm, world_size
 from hirl_ray.methods.hirl import HirlModel
@@ -55,6 +56,8 @@ class WorkerRun:
     feature_loader: Any = None
     ddp: nn.Module | None = None
     hierarchy: HierarchySource | None = None
+    #: data.augment_on=gpu: makes the views from the loader's decoded batch on the device.
+    augment: DeviceViews | None = None
 
     amp_dtype: torch.dtype | None = None
 
@@ -97,6 +100,22 @@ def call_with_modules(modules: Iterable[str], fn: Callable[..., Any], *args: Any
 
 
 # ---- data -------------------------------------------------------------------------------
+
+def train_views(cfg: ExperimentConfig, method: Any, train_set: Any, rank: int
+                ) -> tuple[Callable[[Any], Any], DeviceViews | None]:
+    """The loader's per-image transform and, with ``data.augment_on=gpu``, the device side.
+
+    ``cpu``: the method's views (``method.transform(cfg.data)``), nothing on the device.
+    ``gpu``: the loader only decodes (:class:`~hirl_ray.data.device_views.DecodeFixed`) and
+    :class:`~hirl_ray.data.device_views.DeviceViews` makes the same views batched on the device
+    (its own random stream per rank, from ``train.seed``).
+    """
+    transform = method.transform(cfg.data)
+    if cfg.data.augment_on != "gpu":
+        return transform, None
+    device_views = DeviceViews(transform, seed=cfg.train.seed * 1000 + 500 + rank)
+    return DecodeFixed(decode_size(train_set, transform)), device_views
+
 
 def build_train_loader(cfg: ExperimentConfig, train_set, transform: Callable[[Any], Any],
                        rank: int, world: int) -> DataLoader:
@@ -162,7 +181,7 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
                        amp_dtype=run.amp_dtype, generator=run.generator,
                        poll_every=HIERARCHY_POLL_EVERY,
                        weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
-                       guard=run.guard, min_lr=cfg.train.min_lr)
+                       guard=run.guard, min_lr=cfg.train.min_lr, augment=run.augment)
 
 
 def bad_files_skipped(dataset: Any, device: torch.device) -> int:
