@@ -18,7 +18,8 @@ Checks (each prints one line and goes into ``experiments/bench/results/gpu_check
 6. ``channels_last`` — informative: AMP training-step time of a ResNet-50 (batch 64, 224 px)
    with NCHW vs channels-last model and inputs (the loop converts inputs only on the CPU).
 7. ``ray_fit`` — a 1-GPU Ray Train fit (``train.gpus_per_worker=0.5``) with the prototype actor on
-   the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu.
+   the same GPU (``hirl.actor_num_gpus=0.5``) running faiss-gpu, views made on the GPU
+   (``data.augment_on=gpu``) and bfloat16 mixed precision.
 
 Without a CUDA GPU it says so and exits 0. ``--device cpu`` runs the same checks on the CPU
 (faiss-gpu skipped): the test suite uses it so that this script cannot rot unnoticed.
@@ -269,7 +270,9 @@ def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
                      "hirl.rebuild_every_epochs": 1, "storage.path": tmp,
                      "storage.name": "gpu_check"}
         if on_gpu:
-            overrides.update({"train.gpus_per_worker": 0.5, "hirl.actor_num_gpus": 0.5})
+            # The views made on the GPU and bfloat16 mixed precision, through the Ray worker.
+            overrides.update({"train.gpus_per_worker": 0.5, "hirl.actor_num_gpus": 0.5,
+                              "data.augment_on": "gpu", "train.amp_dtype": "bfloat16"})
         if quick:
             overrides.update({"data.train_per_class": 10, "data.test_per_class": 5,
                               "model.width": 16, "hirl.num_clusters": [12, 4],
