@@ -161,7 +161,8 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
                 per_step[f"{mode}_where"] = where  # of the 2n-step epoch
         if per_step:
             out[name] = per_step
-    return {"ok": all(v["fp32"] == 0 and v["amp_bf16"] == 0 for v in out.values()),
+    # <= 0: a one-time sync (BEiT's tokenizer fit) may land in either epoch.
+    return {"ok": all(v["fp32"] <= 0 and v["amp_bf16"] <= 0 for v in out.values()),
             "methods": out}
 
 
@@ -271,8 +272,11 @@ def check_ray_fit(device: torch.device, quick: bool) -> dict[str, Any]:
                      "storage.name": "gpu_check"}
         if on_gpu:
             # The views made on the GPU and bfloat16 mixed precision, through the Ray worker.
+            # Epochs take under a second then: wait for each rebuild (hirl.async_rebuild=false),
+            # or 4 epochs end before the first hierarchy arrives (seen on an H200).
             overrides.update({"train.gpus_per_worker": 0.5, "hirl.actor_num_gpus": 0.5,
-                              "data.augment_on": "gpu", "train.amp_dtype": "bfloat16"})
+                              "data.augment_on": "gpu", "train.amp_dtype": "bfloat16",
+                              "hirl.async_rebuild": False})
         if quick:
             overrides.update({"data.train_per_class": 10, "data.test_per_class": 5,
                               "model.width": 16, "hirl.num_clusters": [12, 4],
