@@ -38,6 +38,8 @@ _KEY_VALUE = re.compile(r"(\b[\w.\-]*(?:secret|password|passwd|token|access_key|
 # AWS access key ids (long-term AKIA…, temporary ASIA…).
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _MIN_ENV_SECRET = 8  # shorter environment values ("1", "true") are too common to hunt for
+# Shell variables whose names match the pattern but hold no secret (PWD: the working folder).
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 
 
 def is_secret_key(name: str) -> bool:
@@ -48,7 +50,8 @@ def is_secret_key(name: str) -> bool:
 def _env_secrets() -> list[str]:
     """Values of secret-named environment variables (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``):
     they are redacted wherever they show up, e.g. passed on through a config key."""
-    found = [v for k, v in os.environ.items() if len(v) >= _MIN_ENV_SECRET and is_secret_key(k)]
+    found = [v for k, v in os.environ.items()
+             if len(v) >= _MIN_ENV_SECRET and k not in _NOT_SECRET_ENV and is_secret_key(k)]
     return sorted(found, key=len, reverse=True)  # longest first: no partial leftovers
 
 

@@ -73,6 +73,9 @@ def test_redact_finds_url_passwords_secret_keys_key_ids_and_secret_env_values(mo
     assert redact_text("password=hunter22 token: abc123 x=1") == \
         f"password={REDACTED} token: {REDACTED} x=1"
     assert raw["hf_token"] == "hf_x"  # a copy: the caller's config is untouched
+    # The shell's working folder is not a secret, though its name ends in "pwd".
+    monkeypatch.setenv("PWD", "/home/me/experiments")
+    assert redact_text("wrote /home/me/experiments/run") == "wrote /home/me/experiments/run"
 
 
 def test_log_lines_are_redacted_by_the_logger_and_by_the_console_handler(monkeypatch):
