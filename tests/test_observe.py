@@ -54,7 +54,8 @@ def _cfg(tmp_path, **overrides):
 
 def test_non_terminal_progress_lines_come_at_least_every_interval_with_a_slow_loader(tmp_path):
     clock, lines = FakeClock(), []
-    cfg = _cfg(tmp_path, **{"train.progress_every_s": 20.0, "observe.tensorboard": False})
+    cfg = _cfg(tmp_path, **{"train.progress_every_s": 20.0, "observe.tensorboard": False,
+                            "observe.status_every_s": 20.0})
     obs = RunObserver(cfg, cfg.run_dir, world=2, hierarchy=lambda: "warm-up", clock=clock,
                       emit=lambda text: lines.append((clock.now, text)))
     _, model, opt = _moco()

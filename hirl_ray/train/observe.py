@@ -168,7 +168,7 @@ class RunObserver:
         if sink:
             assert self.sink is not None
             self.sink(values)
-        if status or line:
+        if status:
             self._write_status(now)
 
     def _read(self, v: StepView, now: float) -> dict[str, float]:
