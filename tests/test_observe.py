@@ -99,6 +99,42 @@ def test_quiet_steps_never_read_the_losses(tmp_path):
                              compute_s=0.2))
 
 
+def test_on_a_terminal_a_bar_counts_steps_and_shows_the_line(tmp_path):
+    class Bar:  # the tqdm / tqdm_ray interface the observer uses
+        made: list = []
+
+        def __init__(self, total, unit, desc):
+            self.total, self.desc, self.n, self.closed = total, desc, 0, False
+            Bar.made.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_description(self, text):
+            self.desc = text
+
+        def close(self):
+            self.closed = True
+
+    clock, lines = FakeClock(), []
+    cfg = _cfg(tmp_path, **{"train.progress_every_s": 5.0, "observe.tensorboard": False})
+    obs = RunObserver(cfg, cfg.run_dir, world=1, hierarchy=lambda: "v2", clock=clock, bar=Bar,
+                      emit=lines.append)
+    obs.begin_epoch(0, 8)
+    for i in range(1, 9):
+        clock.now += 1.0
+        obs.on_step(StepView(epoch=0, step=i, steps=i, steps_per_epoch=8, total_steps=32,
+                             samples=4 * i, losses=torch.tensor([1.0, 1.0, 0.0]),
+                             semantic=False, lr=0.1, data_s=0.0, compute_s=1.0))
+    bar = Bar.made[0]
+    assert (bar.total, bar.n) == (8, 8) and "hierarchy v2" in bar.desc and not lines
+    obs.end_epoch(EpochStats(epoch=0, loss=1.0, method_loss=1.0, semantic_loss=None,
+                             semantic_steps=0, steps=8, samples=32, seconds=8.0, lr=0.1,
+                             hierarchy_version=2), 8, {}, hierarchy=None, rebuild=None,
+                  checkpoint="epoch_0001")
+    assert bar.closed
+
+
 def _hierarchy():
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1)

@@ -19,7 +19,6 @@ No Ray here: the worker passes in the Ray-specific parts.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -69,15 +68,6 @@ def _clock_text(seconds: float) -> str:
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def default_bar() -> Callable[..., Any] | None:
-    """tqdm when stdout is a terminal, else ``None`` (plain lines)."""
-    if sys.stdout.isatty():
-        from tqdm import tqdm
-
-        return tqdm
-    return None
 
 
 class RunObserver:
