@@ -165,7 +165,8 @@ def test_tensorboard_holds_step_and_epoch_scalars_and_the_tree_image(tmp_path):
                "peak_rss_gb": 0.3, "superseded": 0}
     from hirl_ray.eval.plots import prototype_tree_figure
 
-    obs.end_epoch(stats, 4, {"loss": 1.8, "knn_acc/class": 0.4, "hirl_active": True},
+    obs.end_epoch(stats, 4, {"loss": 1.8, "knn_acc/class": 0.4, "hirl_active": True,
+                             "hierarchy_attempt": 7},
                   hierarchy=h, rebuild=rebuild, checkpoint="epoch_0001",
                   tree=lambda hh: prototype_tree_figure(hh, feats, np.arange(60),
                                                         lambda i: images[i], "tree"))
@@ -180,6 +181,7 @@ def test_tensorboard_holds_step_and_epoch_scalars_and_the_tree_image(tmp_path):
     assert acc.Scalars("epoch/knn_acc/class")[0].step == 1
     assert acc.Scalars("rebuild/level0_s")[0].value == pytest.approx(1.0)
     assert "epoch/hirl_active" not in tags["scalars"]  # booleans are not curves
+    assert "epoch/hierarchy_attempt" not in tags["scalars"]  # nor resume bookkeeping
     counts = np.bincount(h.assignments[0].numpy(), minlength=6)
     assert acc.Scalars("hierarchy/level0/largest")[0].value == counts.max()
     assert acc.Scalars("hierarchy/level0/empty")[0].value == (counts == 0).sum()

@@ -36,6 +36,9 @@ log = get_logger(__name__)
 
 Sink = Callable[[Mapping[str, float]], None]
 
+#: Epoch metrics that are bookkeeping for a resume, not curves (kept out of TensorBoard).
+NOT_CURVES = ("epoch", "hierarchy_attempt", "hierarchy_pending_round", "hierarchy_building")
+
 
 def hierarchy_state(source: Any, enabled: bool = True) -> str:
     """``warm-up``, ``v3``, ``v3, building v4`` or ``off`` for a hierarchy source."""
@@ -225,7 +228,8 @@ class RunObserver:
             values["rebuild/superseded_rounds"] = rebuild.get("superseded", 0)
             self.status["last_rebuild"] = dict(rebuild)
         if self.tb is not None:
-            self.tb.scalars(values, epoch)
+            self.tb.scalars({k: v for k, v in values.items()
+                             if k.removeprefix("epoch/") not in NOT_CURVES}, epoch)
             if hierarchy is not None and tree is not None \
                     and hierarchy.version > self._drawn_version:
                 try:
