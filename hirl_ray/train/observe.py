@@ -5,10 +5,10 @@ it decides, from host clocks and counters only, whether to show something; only 
 read the step's losses and gradient norm (a host sync on a GPU, so at most once per shown
 step, never once per step). What it shows:
 
-* progress: a bar (tqdm, or Ray's ``tqdm_ray`` when the driver's console is a terminal) or,
-  when output is not a terminal (Ray worker logs, CI), a plain line at least every
-  ``train.progress_every_s`` seconds (and every ``train.progress_every_steps`` steps): step,
-  samples/s, loss terms, lr, hierarchy state, ETA of the epoch and of the run;
+* progress: a plain line at least every ``train.progress_every_s`` seconds (and every
+  ``train.progress_every_steps`` steps) — step, samples/s, loss terms, lr, hierarchy state, ETA
+  of the epoch and of the run — or, given a tqdm-like ``bar``, that line as the bar's
+  description (a Ray worker's output is never a terminal: the worker uses lines);
 * TensorBoard (``observe.tensorboard``): step scalars every ``observe.every_steps`` steps,
   epoch scalars, the prototype tree at every new hierarchy version;
 * a metrics sink (the Ray metrics of :mod:`hirl_ray.train.ray_metrics`), injected;

@@ -9,7 +9,6 @@ rebuilds, checkpoint + report) below.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from typing import Any
 
@@ -130,9 +129,7 @@ def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
     ``stop_flag``: the named actor the driver sets on SIGINT/SIGTERM (``None``: none).
     """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
-            "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag,
-            # A bar (Ray's tqdm_ray, drawn by the driver) only on a terminal; else lines.
-            "progress_bar": sys.stdout.isatty()}
+            "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag}
 
 
 # ---- watching the run (rank 0) -------------------------------------------------------------
@@ -144,14 +141,11 @@ TREE_SAMPLES = 2048
 def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
     """Rank 0's progress display, TensorBoard log, Ray metrics and status writer."""
     cfg = run.cfg
-    bar = None
-    if worker_cfg.get("progress_bar"):
-        from ray.experimental.tqdm_ray import tqdm as ray_tqdm  # drawn on the driver's console
-
-        bar = ray_tqdm
+    # Plain lines, which Ray forwards to the driver's console: a worker's stdout is never a
+    # terminal, and Ray's tqdm_ray bar did not reach the driver from a Train V2 worker (tried).
     tb = TensorBoardLog(worker_cfg["run_dir"]) if cfg.observe.tensorboard else None
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
-    return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, bar=bar, sink=sink,
+    return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
                        tensorboard=tb,
                        hierarchy=lambda: hierarchy_state(run.hierarchy, cfg.hirl.enabled))
 
