@@ -1,4 +1,4 @@
-"""Command line: ``hirl-ray fit|eval|tune|report|dashboard experiments/x.yaml key=value ...``."""
+"""Command line: ``hirl-ray fit|eval|status|tune|report|dashboard experiments/x.yaml key=value``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None,
                     help=f"metrics JSON (default: <run>/{EVAL_METRICS})")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    st = sub.add_parser("status", help="epoch, step, hierarchy, last checkpoint and rebuild, "
+                        "throughput of a running or finished fit (reads its status.json)")
+    st.add_argument("run", help="a run folder (storage.path/storage.name, local or s3://)")
     tu = sub.add_parser("tune", help="search hierarchy depth/cluster sizes (Optuna + ASHA)")
     tu.add_argument("config", help="experiment YAML with a tune: section (or, with --resume, "
                     "a sweep folder)")
@@ -173,6 +176,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Final checkpoint  {result.checkpoint_path}")
             print(f"Hierarchy         {result.hierarchy_path}")
             print(f"Metrics JSON      {LAYOUT.metrics_file(result.run_dir)}")
+            print(f"Status            hirl-ray status {result.run_dir}")
+            if storage.exists(LAYOUT.tensorboard_dir(result.run_dir)):
+                print(f"TensorBoard       tensorboard --logdir "
+                      f"{LAYOUT.tensorboard_dir(result.run_dir)}")
+        elif args.command == "status":
+            from hirl_ray.status import format_status, read_status, run_dir_of
+
+            run = run_dir_of(args.run)
+            if not storage.exists(run):
+                raise FileNotFoundError(f"no run folder at {run}")
+            print(format_status(run, read_status(run)))
         elif args.command in ("tune", "report", "dashboard"):
             return _tune_main(args)
         elif args.command == "eval":

@@ -335,12 +335,17 @@ class TrainConfig:
     # Joining a cluster (RAY_ADDRESS): seconds to wait for the workers' CPUs/GPUs (an
     # autoscaler adding nodes) before giving up with what was asked; 0 = wait for ever.
     resource_timeout_s: float = 1800.0
+    # Rank 0's step-level progress (README "Watching a run"): a line at least this often when
+    # the console is not a terminal (Ray worker logs, CI), and after every
+    # progress_every_steps steps (0: by time only).
+    progress_every_s: float = 30.0
+    progress_every_steps: int = 0
 
     def check(self, where: str) -> None:
         check_positive(self, where, "epochs", "batch_size", "num_workers", "lr",
-                       "cpus_per_worker", "gpus_per_worker", "max_nan_skips")
+                       "cpus_per_worker", "gpus_per_worker", "max_nan_skips", "progress_every_s")
         check_positive(self, where, "weight_decay", "warmup_lr_epochs", "max_failures", "min_lr",
-                       "resource_timeout_s", strict=False)
+                       "resource_timeout_s", "progress_every_steps", strict=False)
         if self.min_lr > self.lr:
             raise ConfigError(f"{where}.min_lr ({self.min_lr}) must be <= {where}.lr "
                               f"({self.lr}): the cosine schedule decays from lr to min_lr")
@@ -451,6 +456,24 @@ class StorageConfig:
                               "knn_acc/<level>) or null")
 
 
+@dataclass(frozen=True)
+class ObserveConfig:
+    """What a fit writes for watching it (README "Watching a run"); console progress is
+    ``train.progress_every_s``."""
+
+    # TensorBoard event files in <run>/tensorboard (s3://: written locally, uploaded per epoch).
+    tensorboard: bool = True
+    # Step scalars (losses, lr, grad norm, throughput, data wait) every this many steps.
+    every_steps: int = 20
+    # status.json (read by `hirl-ray status RUN`) at least this often during an epoch.
+    status_every_s: float = 30.0
+    # ray.util.metrics gauges/counters (Ray dashboard, Prometheus), names hirl_ray_*.
+    ray_metrics: bool = True
+
+    def check(self, where: str) -> None:
+        check_positive(self, where, "every_steps", "status_every_s")
+
+
 def _default_method() -> MethodConfig:
     return METHODS.get(DEFAULT_METHOD).Config()
 
@@ -470,6 +493,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     sections: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -494,6 +518,7 @@ class ExperimentConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "method": MethodConfig, "hirl": HirlConfig,
     "train": TrainConfig, "eval": EvalConfig, "storage": StorageConfig,
+    "observe": ObserveConfig,
 }
 _EXTRA_SECTIONS: dict[str, type] = {}
 

@@ -45,6 +45,8 @@ class RunLayout:
         metrics.json     final evaluation of a fit
         train/           Ray Train's run (``RunConfig.name``): checkpoints epoch_NNNN/
         hierarchy/       prototype snapshots hierarchy_vNNNNNN.pt (+ .json origin)
+        tensorboard/     a fit's TensorBoard event files (README "Watching a run")
+        status.json      a fit's live state, read by ``hirl-ray status`` (hirl_ray.status)
         params.json      a sweep trial's sampled values
         placement_group.txt   a sweep trial's Train placement group (freed when it ends)
 
@@ -62,6 +64,8 @@ class RunLayout:
     metrics: str = "metrics.json"
     train: str = "train"
     hierarchy: str = "hierarchy"
+    tensorboard: str = "tensorboard"
+    status: str = "status.json"
     params: str = "params.json"
     placement_group: str = "placement_group.txt"
     stopped: str = "stopped.json"
@@ -90,6 +94,12 @@ class RunLayout:
 
     def hierarchy_dir(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.hierarchy)
+
+    def tensorboard_dir(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.tensorboard)
+
+    def status_file(self, run_dir: str | Path) -> str:
+        return storage.join(run_dir, self.status)
 
     def params_file(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.params)

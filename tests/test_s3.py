@@ -66,6 +66,14 @@ def test_fit_on_s3_then_resume_from_s3(bucket, tmp_path):
     s3 = boto3.client("s3")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/s3run")["Contents"]]
     assert any(k.endswith("metrics.json") for k in keys) and any("config.yaml" in k for k in keys)
+    # Watching it (issue 16): rank 0's status.json and the TensorBoard events copied to S3.
+    assert any("/tensorboard/events.out.tfevents" in k for k in keys)
+    from hirl_ray.status import format_status, read_status
+
+    status = read_status(run)
+    assert (status["state"], status["epoch"], status["last_checkpoint"]) == \
+        ("finished", 3, "epoch_0003")
+    assert "State        finished" in format_status(run, status)
     for key in keys:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert S3_SECRET.encode() not in body, key

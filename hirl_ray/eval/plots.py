@@ -8,8 +8,9 @@
   clustering NMI/ARI/accuracy/Fowlkes–Mallows per label level.
 * :func:`write_plots` — all of them for one evaluation, into a folder.
 
-The prototype tree picture lives with the sweep report (``hirl_ray/sweep/tree.py``);
-``hirl_ray.evaluate`` adds it next to these.
+* :func:`prototype_tree_figure` — the prototype tree: one row per level (coarsest on top), each
+  prototype a column of its nearest images; the sweep report (``hirl_ray/sweep/tree.py``) and
+  a fit's TensorBoard (at every rebuild) draw it.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas), never through
 ``pyplot``, so plotting neither needs a display nor switches the backend of the caller's
@@ -29,9 +30,12 @@ import torch
 from hirl_ray.logs import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from matplotlib.figure import Figure
 
     from hirl_ray.eval.protocol import EvalInputs
+    from hirl_ray.hierarchy import PrototypeHierarchy
 
 log = get_logger(__name__)
 
@@ -40,6 +44,8 @@ CLUSTERING_PREFIXES = ("nmi", "ari", "acc", "fm")
 #: t-SNE runs on at most this many test samples (seeded draw); PCA uses them all.
 TSNE_MAX_SAMPLES = 2000
 EMBEDDINGS = ("pca", "tsne")
+#: Prototypes per level row of the tree picture; the largest clusters when there are more.
+MAX_PROTOTYPES = 16
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -202,3 +208,71 @@ def write_plots(inputs: EvalInputs, metrics: Mapping[str, float], out_dir: str |
             written.append(path)
     log.info("evaluation plots: %s", ", ".join(str(p) for p in written))
     return written
+
+
+def _as_hwc(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        return image.permute(1, 2, 0).numpy()
+    return np.asarray(image.convert("RGB"))
+
+
+def _column_order(h: PrototypeHierarchy, level: int, counts: np.ndarray) -> np.ndarray:
+    """Prototypes of ``level`` sorted by their path to the top, then by size."""
+    k = h.num_clusters[level]
+    keys = []
+    for c in range(k):
+        path, node = [], c
+        for parent in h.parents[level:]:
+            node = int(parent[node])
+            path.append(node)
+        keys.append((tuple(reversed(path)), -int(counts[c]), c))
+    shown = set(sorted(range(k), key=lambda c: -int(counts[c]))[:MAX_PROTOTYPES])
+    return np.array([c for *_, c in sorted(keys) if c in shown])
+
+
+def nearest_images(features: torch.Tensor, centroids: torch.Tensor, n: int) -> np.ndarray:
+    """``(K, n)`` row indices of ``features`` most similar (cosine) to each centroid."""
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    c = torch.nn.functional.normalize(centroids.float().to(f.device), dim=1)
+    return (c @ f.T).topk(min(n, f.shape[0]), dim=1).indices.cpu().numpy()
+
+
+def prototype_tree_figure(h: PrototypeHierarchy, features: torch.Tensor, sample_ids: np.ndarray,
+                          image_of: Callable[[int], object], title: str,
+                          per_prototype: int = 3) -> Figure:
+    """The prototype tree as a figure (HIRL Sec. 3.1's hierarchy, seen through its images).
+
+    Args:
+        h: The hierarchy (CPU tensors).
+        features: ``(M, D)`` features in the space k-means ran in (``hirl.embedding``).
+        sample_ids: ``(M,)`` dataset index of each feature row (``image_of`` takes these).
+        image_of: Dataset index → PIL image or ``(3, H, W)`` tensor, all of one size.
+        title: The figure's title.
+        per_prototype: Nearest images shown under each prototype.
+    """
+    rows = list(reversed(range(h.num_levels)))  # coarsest level on top
+    fig = _figure(min(16, 1.0 + 0.9 * MAX_PROTOTYPES), 1.0 + 1.0 * per_prototype * len(rows))
+    axes = fig.subplots(len(rows), 1, squeeze=False)
+    for ax, level in zip(axes[:, 0], rows, strict=True):
+        assign = h.assignments[level].cpu().numpy()
+        counts = np.bincount(assign[assign >= 0], minlength=h.num_clusters[level])
+        order = _column_order(h, level, counts)
+        near = nearest_images(features, h.centroids[level][order], per_prototype)
+        tiles = [[_as_hwc(image_of(int(sample_ids[i]))) for i in col] for col in near]
+        s, pad = tiles[0][0].shape[0], 4
+        canvas = np.full((per_prototype * (s + pad), len(order) * (s + pad), 3), 255, np.uint8)
+        for j, col in enumerate(tiles):
+            for r, img in enumerate(col):
+                canvas[r * (s + pad):r * (s + pad) + s, j * (s + pad):j * (s + pad) + s] = img
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_xticks([(j + 0.5) * (s + pad) for j in range(len(order))])
+        parents = h.parents[level].cpu().numpy() if level < h.num_levels - 1 else None
+        ax.set_xticklabels([f"{c}" + (f"→{parents[c]}" if parents is not None else "")
+                            for c in order], fontsize=7)
+        ax.set_yticks([])
+        more = f", showing the {len(order)} largest" if len(order) < h.num_clusters[level] else ""
+        ax.set_title(f"level {level}: {h.num_clusters[level]} prototypes{more} "
+                     "(label: id→parent; images: nearest training samples)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

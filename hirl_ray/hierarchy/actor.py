@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +72,8 @@ class ActorSettings:
     use_gpu: bool | None = None
     kmeans_init: str = "random"  # hirl.kmeans_init: "random" (official) or "kmeans++"
     fetch_timeout_s: float = 600.0
+    run_name: str = ""  # the "run" tag of the actor's Ray metrics
+    ray_metrics: bool = True  # observe.ray_metrics
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,56 @@ def fetch_shards(shards: Sequence[tuple[Any, Any]], timeout_s: float
                np.asarray(ray.get(features_ref, timeout=timeout_s)))
 
 
+class RebuildMetrics:
+    """The actor's ``ray.util.metrics`` (Ray dashboard, Prometheus; README "Watching a run")."""
+
+    def __init__(self, run_name: str) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"run": run_name}
+        keys = ("run",)
+        self.seconds = Histogram(
+            "hirl_ray_rebuild_seconds", description="Wall time of one hierarchy rebuild.",
+            boundaries=[1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600], tag_keys=keys)
+        self.phase = Gauge("hirl_ray_rebuild_phase_seconds",
+                           description="Seconds of the last rebuild's phases (gather, levelN, "
+                           "publish).", tag_keys=(*keys, "phase"))
+        self.rss = Gauge("hirl_ray_rebuild_peak_rss_bytes",
+                         description="Peak resident memory of the prototype actor.", tag_keys=keys)
+        self.version = Gauge("hirl_ray_rebuild_version",
+                             description="Version of the newest built hierarchy.", tag_keys=keys)
+        self.builds = Counter("hirl_ray_rebuilds_total", description="Hierarchies built.",
+                              tag_keys=keys)
+        self.superseded = Counter("hirl_ray_rebuild_rounds_superseded_total",
+                                  description="Rebuild rounds dropped for a newer one.",
+                                  tag_keys=keys)
+        self.failed = Counter("hirl_ray_rebuild_failures_total",
+                              description="Rebuild rounds that failed.", tag_keys=keys)
+
+    def built(self, telemetry: dict[str, Any]) -> None:
+        self.seconds.observe(telemetry["seconds"], tags=self.tags)
+        for phase, seconds in telemetry["phases"].items():
+            self.phase.set(seconds, tags={**self.tags, "phase": phase})
+        self.rss.set(telemetry["peak_rss_gb"] * 1e9, tags=self.tags)
+        self.version.set(telemetry["version"], tags=self.tags)
+        self.builds.inc(1, tags=self.tags)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
 def build_from_refs(shards: Sequence[tuple[Any, Any]], settings: ActorSettings,
-                    version: int) -> PrototypeHierarchy:
+                    version: int, timings: dict[str, float] | None = None) -> PrototypeHierarchy:
     """Fetch the shards of a round and cluster them: the one step that holds feature memory.
 
     Args:
         shards: ``(indices_ref, features_ref)`` per rank (fp16 features).
         settings: Clustering settings and the dataset size.
         version: Version stamped on the result (also seeds k-means).
+        timings: Receives the seconds of each phase (``gather``, ``level0``, …).
     """
     # One shard at a time, scattered into one float32 matrix (hierarchy/rebuild.py): at ImageNet
     # scale, concatenating every shard and copying it held ~3 matrices (bench_memory).
@@ -133,7 +179,7 @@ def build_from_refs(shards: Sequence[tuple[Any, Any]], settings: ActorSettings,
                              niter=settings.niter, nredo=settings.nredo,
                              max_points_per_centroid=settings.max_points_per_centroid,
                              use_gpu=settings.use_gpu, version=version,
-                             init=settings.kmeans_init)
+                             init=settings.kmeans_init, timings=timings)
 
 
 class PrototypeActor:
@@ -153,6 +199,10 @@ class PrototypeActor:
         self._loading: dict[int, asyncio.Task] = {}
         self._puts = self._builds = 0
         self._last_build_s: float | None = None
+        # The last rebuild's telemetry (phases, memory) and rounds dropped for newer ones.
+        self._telemetry: dict[str, Any] | None = None
+        self._superseded = 0
+        self._metrics = RebuildMetrics(settings.run_name) if settings.ray_metrics else None
         self._last_error: str | None = None
         self._latest: PrototypeHierarchy | None = None
         self._origins: dict[int, Origin] = read_origins(settings.snapshot_dir)
@@ -191,7 +241,8 @@ class PrototypeActor:
                 "collecting": {f"{a}/{r}": len(s) for (a, r), s in self._collecting.items()},
                 "queued": [list(k) for k in self._complete], "builds": self._builds,
                 "puts": self._puts, "last_build_s": self._last_build_s,
-                "error": self._last_error, "faiss": self._faiss}
+                "error": self._last_error, "faiss": self._faiss,
+                "last_rebuild": self._telemetry, "superseded": self._superseded}
 
     # --- rounds ---
     async def wait_round(self, attempt: int, min_round: int, shard: Shard | None = None,
@@ -262,6 +313,7 @@ class PrototypeActor:
             shards = self._complete.pop(key)
             for other in list(self._complete):  # obsolete: the newer round answers them
                 del self._complete[other]
+                self._dropped(other)
                 if other[0] != key[0]:
                     self._fail(other, f"superseded by attempt {key[0]}")
             self._building = key
@@ -278,24 +330,43 @@ class PrototypeActor:
     async def _build(self, key: tuple[int, int], shards: list[tuple[Any, Any]]) -> None:
         start = time.perf_counter()
         version = max([self._version(), *self._origins]) + 1
+        phases: dict[str, float] = {}
         # Off the event loop: waits, status and get stay answerable during k-means.
-        h = await asyncio.to_thread(build_from_refs, shards, self.settings, version)
+        h = await asyncio.to_thread(build_from_refs, shards, self.settings, version, phases)
+        published = time.perf_counter()
         origin = Origin(version=version, attempt=key[0], round=key[1])
         await asyncio.to_thread(save_hierarchy, h, self.settings.snapshot_dir, origin)
         self._latest, self._origins[version] = h, origin
         self._builds += 1
         await self._ref_for(version)
+        phases["publish"] = time.perf_counter() - published  # snapshot + object store
         self._last_build_s = time.perf_counter() - start
         # Obsolete: older rounds of this attempt, and every round of older (dead) attempts.
         for old in [k for k in self._collecting if k[0] != key[0] or k[1] <= key[1]]:
             del self._collecting[old]
+            self._dropped(old)
+        self._telemetry = {"version": version, "attempt": key[0], "round": key[1],
+                           "seconds": self._last_build_s, "phases": phases,
+                           "peak_rss_gb": peak_rss_gb(), "superseded": self._superseded,
+                           "finished_unix": time.time()}
+        if self._metrics is not None:
+            self._metrics.built(self._telemetry)
         log.info("hierarchy v%d built in %.1fs (attempt %d, round %d)", version,
                  self._last_build_s, *key)
+
+    def _dropped(self, key: tuple[int, int]) -> None:
+        """Count a round given up for a newer one (its waiters get the newer answer)."""
+        self._superseded += 1
+        log.info("hierarchy round %s superseded by a newer round", key)
+        if self._metrics is not None:
+            self._metrics.superseded.inc(1, tags=self._metrics.tags)
 
     def _fail(self, key: tuple[int, int], error: str) -> None:
         previous = self._failed.get(key[0], (-1, ""))[0]
         self._failed[key[0]] = (max(previous, key[1]), error)
         self._last_error = f"round {key[1]} (attempt {key[0]}): {error}"
+        if self._metrics is not None and not error.startswith("superseded"):
+            self._metrics.failed.inc(1, tags=self._metrics.tags)
         for old in [k for k in self._collecting if k[0] == key[0] and k[1] <= key[1]]:
             del self._collecting[old]
 

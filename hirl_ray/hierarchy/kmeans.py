@@ -457,6 +457,7 @@ def fit_hierarchy(
     verbose: bool = False,
     init: str = "random",
     overwrite_features: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> PrototypeHierarchy:
     """Build the prototype tree by hierarchical k-means (HIRL Sec. 3.1, official ``run_hkmeans``).
 
@@ -477,6 +478,7 @@ def fit_hierarchy(
             directly, so the rebuild holds one ``(N, D)`` matrix instead of two
             (:func:`~hirl_ray.hierarchy.rebuild.build_from_shards` passes its own buffer).
             Otherwise, and by default, ``features`` is left untouched and one float32 copy made.
+        timings: If given, receives the seconds each level's k-means took (``level0``, …).
 
     Returns:
         The hierarchy with CPU tensors.
@@ -509,6 +511,7 @@ def fit_hierarchy(
                        "prototype; a collapsed encoder?)", zero, points.shape[0])
     centroids, parents, assignments, densities = [], [], [], []
     for level, k in enumerate(ks):
+        level_started = time.perf_counter()
         c, labels, sq_dist = _kmeans_level(
             points,
             k,
@@ -532,6 +535,8 @@ def fit_hierarchy(
         densities.append(cluster_concentration(sq_dist, labels, k))
         centroids.append(c)
         points = c
+        if timings is not None:
+            timings[f"level{level}"] = time.perf_counter() - level_started
     logger.info(
         "hierarchy v%d: num_clusters=%s over %d samples in %.2fs on %s",
         version,

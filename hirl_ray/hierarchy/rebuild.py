@@ -15,6 +15,7 @@ Pure numpy/faiss, no Ray: the actor passes a generator that fetches one shard at
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -131,6 +132,7 @@ def build_from_shards(
     use_gpu: bool | None = None,
     version: int = 0,
     init: str = "random",
+    timings: dict[str, float] | None = None,
 ) -> PrototypeHierarchy:
     """Hierarchical k-means (HIRL Sec. 3.1) over de-duplicated shards, one matrix in memory.
 
@@ -143,11 +145,16 @@ def build_from_shards(
         num_samples: Dataset size ``N``.
         num_clusters, seed, niter, nredo, max_points_per_centroid, use_gpu, version, init: As
             :func:`fit_hierarchy`.
+        timings: If given, receives seconds spent gathering the shards (``gather``: fetching
+            and scattering them) and clustering each level (``level0``, …).
 
     Returns:
         The hierarchy, with ``(N,)`` assignments per level.
     """
+    started = time.perf_counter()
     matrix, present = scatter_shards(shards, num_samples)
+    if timings is not None:
+        timings["gather"] = time.perf_counter() - started
     count = int(present.sum())
     if count < num_samples:
         log.warning(
@@ -170,5 +177,6 @@ def build_from_shards(
         version=version,
         init=init,
         overwrite_features=True,
+        timings=timings,
     )
     return expand_assignments(h, present) if count < num_samples else h

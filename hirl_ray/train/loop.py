@@ -22,8 +22,8 @@ from hirl_ray.schedules import cosine_lr, weight_decay_schedule
 from hirl_ray.train.numerics import NanGuard, injected_nan_step
 from hirl_ray.train.optim import apply_schedule
 
-__all__ = ["EpochStats", "HierarchySource", "StaticHierarchy", "cosine_lr", "format_epoch",
-           "is_rebuild_epoch", "train_epoch", "unwrap"]
+__all__ = ["EpochStats", "HierarchySource", "StaticHierarchy", "StepObserver", "StepView",
+           "cosine_lr", "format_epoch", "is_rebuild_epoch", "train_epoch", "unwrap"]
 
 
 class HierarchySource(Protocol):
@@ -47,6 +47,36 @@ class StaticHierarchy:
 
     def poll(self) -> None:
         """Nothing to refresh."""
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What one finished step offers its observers (progress, TensorBoard, metrics).
+
+    ``losses`` (``[loss, ssl, semantic]``) and ``grad_norm`` are device tensors: an observer
+    reads them (a host sync on a GPU) only on the steps it shows them. ``data_s``: time the
+    host waited for the batch; ``compute_s``: host time of the rest of the step (on a GPU the
+    time to queue the work, which equals the GPU time once the queue is full).
+    """
+
+    epoch: int
+    step: int  # global steps done
+    steps: int  # steps done this epoch
+    steps_per_epoch: int
+    total_steps: int
+    samples: int  # samples this rank trained on this epoch
+    losses: torch.Tensor
+    semantic: bool
+    lr: float
+    data_s: float
+    compute_s: float
+    grad_norm: torch.Tensor | None = None
+
+
+class StepObserver(Protocol):
+    """Called after every step; must be cheap unless it decides to show something."""
+
+    def on_step(self, view: StepView) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,8 +142,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 max_steps: int | None = None, poll_every: int = 1,
                 weight_decay: tuple[float, float | None] | None = None,
                 guard: NanGuard | None = None, min_lr: float = 0.0,
-                augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
-                ) -> tuple[EpochStats, int]:
+                augment: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+                observer: StepObserver | None = None,
+                steps_per_epoch: int | None = None) -> tuple[EpochStats, int]:
     """Run one epoch of SSL (+ HIRL) steps; returns the stats and the new global step.
 
     ``model`` is a :class:`~hirl_ray.methods.hirl.HirlModel`, possibly DDP-wrapped, and is
@@ -142,6 +173,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
     ``augment`` (``data.augment_on=gpu``: a :class:`~hirl_ray.data.device_views.DeviceViews`)
     turns the loader's decoded batch, once on the device, into the method's views.
+
+    ``observer`` (rank 0's :class:`~hirl_ray.train.observe.RunObserver`) gets a
+    :class:`StepView` after each step; ``steps_per_epoch`` (default ``len(loader)``) is what
+    its progress counts towards.
     """
     model.train()
     inner = unwrap(model)
@@ -160,7 +195,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     nan_step = injected_nan_step()  # test hook (fault injection); None in real runs
     lr = base_lr
     start = time.perf_counter()
-    for views, index in loader:
+    per_epoch = steps_per_epoch if steps_per_epoch is not None else _len_or_zero(loader)
+    batches = iter(loader)
+    while True:
+        waited = time.perf_counter()
+        try:
+            views, index = next(batches)
+        except StopIteration:
+            break
+        got = time.perf_counter()
         if step % poll_every == 0:
             hierarchy.poll()
         h = hierarchy.current
@@ -215,6 +258,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         totals += torch.cat([guard.masked(losses), torch.stack([good, semantic_good])])
         if guard.due(steps):
             guard.check(epoch)
+        if observer is not None:
+            observer.on_step(StepView(
+                epoch=epoch, step=step, steps=steps, steps_per_epoch=per_epoch,
+                total_steps=total_steps, samples=samples, losses=losses,
+                semantic=out.semantic_loss is not None, lr=lr, data_s=got - waited,
+                compute_s=time.perf_counter() - got, grad_norm=guard.last_norm))
         if max_steps is not None and steps >= max_steps:
             break
     if steps == 0:
@@ -233,6 +282,13 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         hierarchy_version=current.version if current is not None else 0,
         nan_skipped=nan_skipped)
     return stats, step
+
+
+def _len_or_zero(loader: Iterable) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
 
 
 def format_epoch(stats: EpochStats, total_epochs: int, world_size: int,

@@ -100,6 +100,7 @@ class NanGuard:
         # limit (-1: none); int64 on the device, read by the host only in check().
         self.counters = torch.tensor([0, 0, -1, -1], dtype=torch.long, device=self.device)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.last_norm: Tensor | None = None  # the last step's gradient norm (device scalar)
         self._saved_model: list[Tensor] = []
         self._saved_state: dict[tuple[int, str], Tensor] = {}
 
@@ -144,6 +145,7 @@ class NanGuard:
         all-reduce, no host sync), so every rank skips the same steps.
         """
         norm = grad_norm(self.model.parameters(), self.grad_clip)
+        self.last_norm = norm  # a device scalar; read only when progress/TensorBoard show it
         bad = ~torch.isfinite(loss.detach()).all()
         if not amp:  # under AMP, inf gradients are the GradScaler's (see module docstring)
             bad = bad | ~torch.isfinite(norm.to(bad.device))

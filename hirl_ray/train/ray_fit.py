@@ -15,6 +15,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from hirl_ray import status as run_status
 from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig, RunStopped
 from hirl_ray.eval.checkpoint import evaluate_checkpoint
@@ -126,7 +127,8 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             num_samples=num_samples, seed=cfg.train.seed, niter=cfg.hirl.kmeans_iters,
             nredo=cfg.hirl.kmeans_nredo, max_points_per_centroid=cfg.hirl.max_points_per_centroid,
             use_gpu=None if cfg.hirl.actor_num_gpus > 0 else False,
-            kmeans_init=cfg.hirl.kmeans_init),
+            kmeans_init=cfg.hirl.kmeans_init, run_name=cfg.storage.name,
+            ray_metrics=cfg.observe.ray_metrics),
             num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
     gpus = {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}
     trainer = TorchTrainer(
@@ -242,6 +244,9 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
     """
     given = ray_given()  # before init_ray: after it, Ray is always initialized
     init_ray()
+    log.info("watch it: hirl-ray status %s%s", run_dir,
+             f" | tensorboard --logdir {LAYOUT.tensorboard_dir(run_dir)}"
+             if cfg.observe.tensorboard else "")
     if given:
         # A local Ray we started was checked against this machine before it started.
         wait_for_resources(resource_bundles(cfg), cfg.train.resource_timeout_s)
@@ -254,17 +259,32 @@ def run_fit(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             # handler with one that aborts the run without a checkpoint.
             run_in_thread(train_on_ray, cfg, run_dir, num_samples,
                           rebuild_memory=rebuild_memory, stop_flag=flag_name)
+    except BaseException as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        _mark(run_dir, "failed", error=f"{type(e).__name__}: {first}")
+        raise
     finally:
         ray.kill(flag)
     if stop.signum is not None:
+        _mark(run_dir, "stopped")
         raise interrupted(cfg, run_dir, stop.signum)
+    _mark(run_dir, "evaluating")
     log.info("evaluating the final checkpoint (%s)…", ", ".join(cfg.eval.protocols))
     result = final_evaluation(cfg, run_dir)
+    _mark(run_dir, "finished")
     skipped = result.metrics.get("data/bad_files_skipped", 0)
     if skipped:
         log.warning("%d unreadable training image files were skipped (data.on_bad_file=skip); "
                     "the workers' 'skipping unreadable image' lines name them", skipped)
     return result
+
+
+def _mark(run_dir: str, state: str, **extra: Any) -> None:
+    """Set the state in the run's ``status.json`` (``hirl-ray status``); never raises."""
+    try:
+        run_status.mark(run_dir, state, **extra)
+    except Exception as e:  # noqa: BLE001 - the status file never hides the run's own outcome
+        log.warning("could not update %s: %s", LAYOUT.status_file(run_dir), e)
 
 
 def interrupted(cfg: ExperimentConfig, run_dir: str, signum: int) -> Interrupted:

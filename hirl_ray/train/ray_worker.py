@@ -23,6 +23,8 @@ from hirl_ray import storage
 from hirl_ray.config import ExperimentConfig, from_dict
 from hirl_ray.data import build_dataset
 from hirl_ray.eval.features import eval_mode, extract_features
+from hirl_ray.eval.plots import prototype_tree_figure
+from hirl_ray.hierarchy import PrototypeHierarchy
 from hirl_ray.hierarchy.actor import get_actor
 from hirl_ray.logs import console, get_logger
 from hirl_ray.methods.distributed import broadcast_buffers, ddp_kwargs
@@ -39,8 +41,10 @@ from hirl_ray.train.checkpoint import (
 from hirl_ray.train.interrupt import run_epochs
 from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_rebuild_epoch, unwrap
 from hirl_ray.train.numerics import NonFiniteError
+from hirl_ray.train.observe import RunObserver, hierarchy_state
 from hirl_ray.train.ray_compat import quiet_train_report_logger
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
+from hirl_ray.train.ray_metrics import TrainMetrics
 from hirl_ray.train.ray_stop import stop_poll
 from hirl_ray.train.resume import ResumePlan, agree_on_resume
 from hirl_ray.train.retention import before_report
@@ -58,6 +62,7 @@ from hirl_ray.train.steps import (
     train_one_epoch,
     train_views,
 )
+from hirl_ray.train.tensorboard import TensorBoardLog
 
 log = get_logger(__name__)
 
@@ -87,6 +92,8 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     plan = restore(run, worker_cfg["run_dir"], actor)  # Ray 4: checkpoint after a failure
     run.ddp = prepare_ddp(run.model)  # Ray 5: DDP
     run.hierarchy = hierarchy_source(run, actor, plan)
+    if rank == 0:  # Ray 6: progress, TensorBoard, Ray metrics, status.json
+        run.observer = make_observer(run, worker_cfg)
     first_rebuild(run, plan)
 
     step, eval_inputs = plan.step, None
@@ -101,10 +108,12 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
             # Rank 0 alone, between steps; the others wait in report() below.
             eval_inputs = eval_inputs or online_eval_inputs(cfg, train_set)
             metrics.update(online_eval(run, eval_inputs))
-        # Ray 6: every rank reports, rank 0 checkpoints
-        report(run, stats, step, metrics, worker_cfg["run_dir"])
+        # Ray 7: every rank reports, rank 0 checkpoints
+        checkpoint = report(run, stats, step, metrics, worker_cfg["run_dir"])
+        if run.observer is not None:
+            observe_epoch(run, actor, stats, step, metrics, checkpoint)
 
-    # Ray 7: SIGINT/SIGTERM on the driver stops every rank after the epoch's checkpoint.
+    # Ray 8: SIGINT/SIGTERM on the driver stops every rank after the epoch's checkpoint.
     stop = stop_poll(worker_cfg.get("stop_flag"), rank, dist_agree(device))
     try:
         done = run_epochs(plan.epoch, cfg.train.epochs, one_epoch, stop)
@@ -115,6 +124,9 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
             storage.write_text(LAYOUT.stopped_file(worker_cfg["run_dir"]),
                                json.dumps({"error": type(e).__name__, "message": e.summary}))
         return
+    finally:
+        if run.observer is not None:
+            run.observer.close()
     if rank == 0 and done < cfg.train.epochs:
         log.info("stopping after epoch %d/%d as asked; its checkpoint is saved", done,
                  cfg.train.epochs)
@@ -130,6 +142,57 @@ def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
     """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
             "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag}
+
+
+# ---- watching the run (rank 0) -------------------------------------------------------------
+
+#: Rank 0 keeps this many of its clustering features to draw the prototype tree with.
+TREE_SAMPLES = 2048
+
+
+def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
+    """Rank 0's progress display, TensorBoard log, Ray metrics and status writer."""
+    cfg = run.cfg
+    # Plain lines, which Ray forwards to the driver's console: a worker's stdout is never a
+    # terminal, and Ray's tqdm_ray bar did not reach the driver from a Train V2 worker (tried).
+    tb = TensorBoardLog(worker_cfg["run_dir"]) if cfg.observe.tensorboard else None
+    sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
+    return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
+                       tensorboard=tb,
+                       hierarchy=lambda: hierarchy_state(run.hierarchy, cfg.hirl.enabled))
+
+
+def observe_epoch(run: WorkerRun, actor: Any, stats: EpochStats, step: int,
+                  metrics: dict[str, Any], checkpoint: str) -> None:
+    """Hand the epoch to the observer with the actor's last rebuild telemetry."""
+    rebuild = None
+    if actor is not None:
+        try:  # a small answer; the async actor replies during a rebuild too
+            rebuild = ray.get(actor.status.remote(), timeout=30)["last_rebuild"]
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            log.debug("no rebuild telemetry from the prototype actor: %s", e)
+    current = run.hierarchy.current if run.hierarchy is not None else None
+    run.observer.end_epoch(stats, step, metrics, hierarchy=current, rebuild=rebuild,
+                           checkpoint=checkpoint, tree=tree_drawer(run))
+
+
+def tree_drawer(run: WorkerRun) -> Any:
+    """Draws a hierarchy with rank 0's kept clustering features (``None`` before any)."""
+    sample = run.tree_sample
+    if sample is None:
+        return None
+    feats, idx = sample
+    size = max(32, min(run.cfg.data.image_size, 64))
+
+    def image_of(i: int) -> Any:
+        image = run.train_set.image(i)
+        return image.convert("RGB").resize((size, size)) if hasattr(image, "convert") else image
+
+    def draw(h: PrototypeHierarchy) -> Any:
+        return prototype_tree_figure(h.to("cpu"), feats, idx.numpy(), image_of,
+                                     f"Prototype tree, hierarchy v{h.version}")
+
+    return draw
 
 
 # ---- restore and DDP ------------------------------------------------------------------------
@@ -206,6 +269,8 @@ def rebuild(run: WorkerRun, completed: int) -> None:
     with eval_mode(model):
         feats, idx = extract_features(model.cluster_embed, run.feature_loader, run.device,
                                       amp=run.use_amp)  # hirl.embedding, target network
+    if run.observer is not None:  # for the prototype tree picture (TensorBoard)
+        run.tree_sample = (feats[:TREE_SAMPLES].float().cpu(), idx[:TREE_SAMPLES].cpu())
     run.hierarchy.submit(completed, idx, feats)
     if not run.cfg.hirl.async_rebuild:
         run.hierarchy.wait()
@@ -227,8 +292,10 @@ def first_rebuild(run: WorkerRun, plan: ResumePlan) -> None:
 # ---- checkpoint and report ------------------------------------------------------------------
 
 def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any],
-           run_dir: str) -> None:
+           run_dir: str) -> str:
     """Rank 0 logs the epoch and writes a checkpoint; every rank reports (a collective).
+
+    Returns the checkpoint's folder name.
 
     Before reporting, rank 0 keeps the best checkpoint and prunes old hierarchy snapshots
     (``storage.*``; Ray Train deletes checkpoints beyond ``storage.keep_checkpoints``).
@@ -257,4 +324,5 @@ def report(run: WorkerRun, stats: EpochStats, step: int, metrics: dict[str, Any]
             before_report(run_dir, meta, run.cfg.storage)
             name = checkpoint_dir_name(run_dir, epoch)  # -redoN after a damaged one
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    return name
 

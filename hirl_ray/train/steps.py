@@ -60,6 +60,8 @@ class WorkerRun:
     augment: DeviceViews | None = None
 
     amp_dtype: torch.dtype | None = None
+    observer: Any = None  # rank 0's RunObserver (hirl_ray.train.observe); None elsewhere
+    tree_sample: Any = None  # rank 0: (features, indices) kept from the last rebuild
 
     @property
     def use_amp(self) -> bool:
@@ -174,6 +176,8 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
     if hasattr(run.loader, "sampler") and hasattr(run.loader.sampler, "set_epoch"):
         run.loader.sampler.set_epoch(epoch)
     steps_per_epoch = len(run.loader)
+    if run.observer is not None:
+        run.observer.begin_epoch(epoch, steps_per_epoch)
     return train_epoch(run.ddp, run.loader, run.optimizer, epoch=epoch, step=step,
                        total_steps=steps_per_epoch * cfg.train.epochs, base_lr=cfg.train.lr,
                        warmup_steps=steps_per_epoch * cfg.train.warmup_lr_epochs,
@@ -181,7 +185,8 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
                        amp_dtype=run.amp_dtype, generator=run.generator,
                        poll_every=HIERARCHY_POLL_EVERY,
                        weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
-                       guard=run.guard, min_lr=cfg.train.min_lr, augment=run.augment)
+                       guard=run.guard, min_lr=cfg.train.min_lr, augment=run.augment,
+                       observer=run.observer, steps_per_epoch=steps_per_epoch)
 
 
 def bad_files_skipped(dataset: Any, device: torch.device) -> int:
