@@ -140,6 +140,8 @@ def test_sigterm_to_hirl_ray_fit_saves_the_epoch_exits_with_one_line_and_the_rer
     assert in_use - {0} <= set(snapshot_versions(LAYOUT.hierarchy_dir(run)))
     # The planted secrets: in no file of the run and no console line of either process.
     assert PASSWORD in " ".join(cmd)
+    # Every file of the run is scanned: TensorBoard events and status.json included.
+    assert any(run.rglob("events.out.tfevents*")) and (run / "status.json").is_file()
     assert files_with_secrets(tmp_path, first + second) == {}
     assert any(ray_tmp.rglob("*.log")) and files_with_secrets(ray_tmp) == {}
     shutil.rmtree(ray_tmp, ignore_errors=True)
