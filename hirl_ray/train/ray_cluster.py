@@ -29,8 +29,10 @@ from typing import Any
 
 import ray
 
+from hirl_ray.train import ray_compat
+
 #: Ray Train's placement-group cleaner, and the warning it repeats without a State API.
-_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_LOGGER = ray_compat.PLACEMENT_GROUP_CLEANER_LOGGER
 _CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
 
 

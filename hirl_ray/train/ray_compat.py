@@ -23,6 +23,10 @@ SUPPORTED_RAY = "2.60.0"
 
 _CALLBACK_MODULE = "ray.train.v2._internal.execution.callback"
 _CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
+#: Logger of Ray Train's placement-group cleaner (private module; its State API warning is
+#: dropped when there is no dashboard, see hirl_ray.train.ray_cluster).
+PLACEMENT_GROUP_CLEANER_LOGGER = \
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 class RayCompatError(RuntimeError):
