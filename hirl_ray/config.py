@@ -142,6 +142,9 @@ def check_fraction(key: str, value: float, upper_open: bool = True) -> None:
 
 #: ``data.on_bad_file``: what an unreadable image file does.
 ON_BAD_FILE = ("error", "skip")
+#: ``data.loader``: who feeds the training workers (``torch``: a DataLoader in each worker;
+#: ``ray_data``: a Ray Dataset decoded on the cluster's CPUs, ``train/ray_data.py``).
+LOADERS = ("torch", "ray_data")
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,13 @@ class DataConfig:
     # An unreadable image (corrupt, truncated, empty, not an image): error = stop naming the
     # file; skip = use the next readable one, counted in data/bad_files_skipped.
     on_bad_file: str = "error"
+    # Input pipeline: torch (each worker decodes with its own DataLoader) or ray_data (a Ray
+    # Dataset decodes and augments on any node with CPUs and streams batches to the workers).
+    loader: str = "torch"
+    # ray_data only: CPUs per decode/augment actor, and at most this many actors (0: as many
+    # as the cluster's free CPUs allow; Ray Data scales the pool).
+    ray_data_cpus: float = 1.0
+    ray_data_max_actors: int = 0
 
     def __post_init__(self) -> None:
         # A relative local root means "from where the command runs": made absolute here, on the
@@ -171,6 +181,9 @@ class DataConfig:
         check_positive(self, where, "image_size", "train_per_class", "test_per_class")
         check_positive(self, where, "loader_workers", strict=False)
         check_choice(f"{where}.on_bad_file", self.on_bad_file, ON_BAD_FILE)
+        check_choice(f"{where}.loader", self.loader, LOADERS)
+        check_positive(self, where, "ray_data_cpus")
+        check_positive(self, where, "ray_data_max_actors", strict=False)
         check_choice(f"{where}.name", self.name, DATASETS.names())
         if getattr(DATASETS.get(self.name), "needs_root", True) and not self.root:
             raise ConfigError(f"{where}.root is required for {where}.name={self.name!r}; "
