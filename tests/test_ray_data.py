@@ -189,3 +189,18 @@ def test_ray_data_fit_on_an_s3_image_folder_reads_objects_without_a_local_copy(p
     # Workers, the clustering pass and the final evaluation read objects: nothing downloaded.
     bucket_prefix = pets.removeprefix("s3://")
     assert not (cache_root() / "s3" / bucket_prefix).exists()
+
+
+def test_a_decode_actor_is_reserved_beside_the_workers(monkeypatch):
+    # 2 workers x 1 CPU fill a 2-core machine: Ray Data would get no CPU and the run would wait
+    # for ever; refused before Ray starts, naming the keys.
+    from hirl_ray import resources
+
+    cfg = load_config(None, {"data.loader": "ray_data", "data.ray_data_cpus": 0.5})
+    assert resources.resource_bundles(cfg) == [{"CPU": 1.0}] * 2 + [{"CPU": 0.5}]
+    monkeypatch.setattr(resources, "ray_given", lambda: False)
+    monkeypatch.setattr(resources.os, "cpu_count", lambda: 2)
+    with pytest.raises(hirl_ray.ConfigError, match=r"train.num_workers=2 x train.cpus_per_worker"
+                                                   r"=1 \+ data.ray_data_cpus=0.5 needs 2.5 CPUs"):
+        resources.check_local_resources(cfg)
+    resources.check_local_resources(load_config(cfg, {"train.cpus_per_worker": 0.75}))
