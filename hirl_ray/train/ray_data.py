@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -35,6 +37,8 @@ from hirl_ray.methods.base import build_method
 
 #: Name of the training Dataset given to the TorchTrainer (``get_dataset_shard``).
 TRAIN = "train"
+#: At most this many blocks of indices (ImageNet: ~6,000 indices a block).
+INDEX_BLOCKS = 200
 
 
 class _DecodeActor(DecodeViews):
@@ -61,9 +65,13 @@ def train_datasets(cfg: ExperimentConfig, source_ref: Any, num_samples: int
     d = cfg.data
     per_worker = cfg.train.batch_size // cfg.train.num_workers
     seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
-    ds = (ray.data.range(num_samples)
-          .rename_columns({"id": INDEX})
-          # Indices only: cheap at any N. Its tasks take the decode actors' CPU share.
+    # Blocks of indices put by the driver (no read tasks); enough of them for the decode pool
+    # to work in parallel. Only 8-byte indices are shuffled: cheap at any N; the shuffle's
+    # tasks take the decode actors' CPU share (a default 1-CPU task may never fit beside them).
+    blocks = [pa.table({INDEX: chunk}) for chunk in
+              np.array_split(np.arange(num_samples, dtype=np.int64),
+                             max(1, min(num_samples // per_worker, INDEX_BLOCKS)))]
+    ds = (ray.data.from_arrow(blocks)
           .random_shuffle(seed=seed, num_cpus=d.ray_data_cpus)
           .map_batches(_DecodeActor, batch_size=min(per_worker, 64),
                        # In a list: Ray Data would not resolve a bare ref for the actor.
