@@ -204,3 +204,30 @@ def test_a_decode_actor_is_reserved_beside_the_workers(monkeypatch):
                                                    r"=1 \+ data.ray_data_cpus=0.5 needs 2.5 CPUs"):
         resources.check_local_resources(cfg)
     resources.check_local_resources(load_config(cfg, {"train.cpus_per_worker": 0.75}))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_the_ray_dataset_streams_each_index_once_with_its_own_image():
+    # Through Ray Data itself (shuffle, decode actors, batching), with the deterministic
+    # evaluation transform: every row's view must be exactly its index's image.
+    import ray
+
+    from hirl_ray.data import eval_transform
+    from hirl_ray.train.ray_data import TRAIN, _Collate, train_datasets, train_source
+
+    cfg = load_config(None, {"data.train_per_class": 2, "train.batch_size": 8,
+                             "data.ray_data_cpus": 0.25})
+    source = train_source(cfg)
+    transform = eval_transform(cfg.data.image_size)
+    ds = train_datasets(cfg, ray.put(source), len(source), transform)[TRAIN]
+    orders = []
+    for _ in range(2):  # two executions: two epochs
+        seen = []
+        for index, view in ds.iter_torch_batches(batch_size=8, collate_fn=_Collate()):
+            for i, v in zip(index.tolist(), view, strict=True):
+                assert torch.equal(v, transform(source.image(i))), i
+            seen += index.tolist()
+        assert sorted(seen) == list(range(len(source)))  # 48 rows, each once
+        orders.append(seen)
+    assert orders[0] != orders[1]  # reshuffled every epoch

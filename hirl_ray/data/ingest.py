@@ -10,6 +10,7 @@ images keeps the per-epoch shuffle cheap at ImageNet scale; images are read once
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -80,8 +81,11 @@ def collate_views(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     loader unpacks it into the torch loader's ``(views, index)``.
     """
     n = sum(1 for k in batch if k.startswith("view_"))
-    views = [torch.as_tensor(batch[view_column(i)]) for i in range(n)]
-    return (torch.as_tensor(batch[INDEX], dtype=torch.long), *views)
+    with warnings.catch_warnings():
+        # Ray hands out read-only arrays; the loop never writes into a batch (zero copy).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        views = [torch.as_tensor(batch[view_column(i)]) for i in range(n)]
+        return (torch.as_tensor(batch[INDEX], dtype=torch.long), *views)
 
 
 def steps_per_epoch(num_samples: int, world: int, per_worker_batch: int) -> int:

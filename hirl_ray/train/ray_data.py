@@ -54,14 +54,15 @@ def train_source(cfg: ExperimentConfig) -> HierDataset:
     return build_dataset(cfg.data, "train", local_copy=False)
 
 
-def train_datasets(cfg: ExperimentConfig, source_ref: Any, num_samples: int
-                   ) -> dict[str, ray.data.Dataset]:
+def train_datasets(cfg: ExperimentConfig, source_ref: Any, num_samples: int,
+                   transform: Any = None) -> dict[str, ray.data.Dataset]:
     """``datasets=`` of the TorchTrainer: the shuffled, decoded training views.
 
     ``source_ref``: ``ray.put`` of :func:`train_source`. The views are the method's own
-    (``method.transform(data)``), the transform the torch loader applies.
+    (``method.transform(data)``, the transform the torch loader applies) unless ``transform``
+    is given (tests).
     """
-    transform = build_method(cfg).transform(cfg.data)
+    transform = transform or build_method(cfg).transform(cfg.data)
     d = cfg.data
     per_worker = cfg.train.batch_size // cfg.train.num_workers
     seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
