@@ -144,6 +144,9 @@ def check_fraction(key: str, value: float, upper_open: bool = True) -> None:
 ON_BAD_FILE = ("error", "skip")
 #: Where the training views are made: the loader's CPU workers, or the worker's GPU (batched).
 AUGMENT_ON = ("cpu", "gpu")
+#: ``data.loader``: who feeds the training workers (``torch``: a DataLoader in each worker;
+#: ``ray_data``: a Ray Dataset decoded on the cluster's CPUs, ``train/ray_data.py``).
+LOADERS = ("torch", "ray_data")
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,13 @@ class DataConfig:
     # cpu: the loader's workers make the views (PIL + torchvision); gpu: they only decode, and
     # the views are made batched on the worker's GPU (hirl_ray.data.device_views).
     augment_on: str = "cpu"
+    # Input pipeline: torch (each worker decodes with its own DataLoader) or ray_data (a Ray
+    # Dataset decodes and augments on any node with CPUs and streams batches to the workers).
+    loader: str = "torch"
+    # ray_data only: CPUs per decode/augment actor, and at most this many actors (0: as many
+    # as the cluster's free CPUs allow; Ray Data scales the pool).
+    ray_data_cpus: float = 1.0
+    ray_data_max_actors: int = 0
 
     def __post_init__(self) -> None:
         # A relative local root means "from where the command runs": made absolute here, on the
@@ -177,6 +187,12 @@ class DataConfig:
         check_positive(self, where, "loader_workers", strict=False)
         check_choice(f"{where}.on_bad_file", self.on_bad_file, ON_BAD_FILE)
         check_choice(f"{where}.augment_on", self.augment_on, AUGMENT_ON)
+        check_choice(f"{where}.loader", self.loader, LOADERS)
+        if self.augment_on == "gpu" and self.loader == "ray_data":
+            raise ConfigError(f"{where}.augment_on=gpu needs {where}.loader=torch (the Ray Data "
+                              "path makes the views on its CPU actors); choose one of the two")
+        check_positive(self, where, "ray_data_cpus")
+        check_positive(self, where, "ray_data_max_actors", strict=False)
         check_choice(f"{where}.name", self.name, DATASETS.names())
         if getattr(DATASETS.get(self.name), "needs_root", True) and not self.root:
             raise ConfigError(f"{where}.root is required for {where}.name={self.name!r}; "

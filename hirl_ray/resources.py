@@ -32,13 +32,15 @@ def ray_given() -> bool:
 
 def resource_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """What a fit reserves at once: one bundle per Ray Train worker, then the prototype
-    actor's (when it reserves anything)."""
+    actor's (when it reserves anything), then, with ``data.loader=ray_data``, one decode
+    actor's (Ray Data needs at least one, beside the workers, or the workers wait for ever)."""
     t = cfg.train
     worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     bundles = [dict(worker) for _ in range(t.num_workers)]
     h = cfg.hirl
     actor = {k: v for k, v in (("CPU", h.actor_num_cpus), ("GPU", h.actor_num_gpus)) if v > 0}
-    return bundles + ([actor] if h.enabled and actor else [])
+    decode = [{"CPU": cfg.data.ray_data_cpus}] if cfg.data.loader == "ray_data" else []
+    return bundles + ([actor] if h.enabled and actor else []) + decode
 
 
 #: Config keys named in :func:`check_local_resources`' message, for a fit.
@@ -75,6 +77,8 @@ def check_local_resources(cfg: ExperimentConfig,
         asked = [f"{keys['workers']}={t.num_workers} x {keys[kind]}={per[resource]:g}"] \
             if per[resource] else []
         asked += [f"hirl.actor_num_{kind}={actor:g}"] if actor else []
+        if resource == "CPU" and cfg.data.loader == "ray_data":
+            asked += [f"data.ray_data_cpus={cfg.data.ray_data_cpus:g}"]
         fix = f"set {keys['no_gpu']} or " if resource == "GPU" and t.use_gpu else ""
         raise ConfigError(
             f"{' + '.join(asked)} needs {need:g} {resource}{'s' if need != 1 else ''} but this "

@@ -93,12 +93,16 @@ register_dataset("digits", _digits, needs_root=False)
 register_dataset("stl10", _stl10, level_names=("class",))
 
 
-def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
+def build_dataset(cfg: DataConfig, split: str, local_copy: bool = True) -> HierDataset:
     """Build one split of the dataset named by ``cfg.name``.
 
     Args:
         cfg: the ``data:`` config section.
         split: ``"train"`` or ``"test"``.
+        local_copy: an ``s3://`` root is downloaded once per node
+            (:func:`~hirl_ray.data.s3.localize`); ``False``: an ``s3://`` image folder is
+            listed and its images read object by object when used (the
+            ``data.loader=ray_data`` path; same samples, same order).
 
     Raises:
         ConfigError: unknown name, missing ``data.root``, or unreadable/ill-shaped data.
@@ -110,6 +114,10 @@ def build_dataset(cfg: DataConfig, split: str) -> HierDataset:
         raise ConfigError(
             f"data.root is required for data.name={cfg.name!r}; set it to the dataset's local path"
         )
+    if _remote_root(cfg) and not local_copy and cfg.name == "imagefolder":
+        from hirl_ray.data.s3 import list_image_folder
+
+        return list_image_folder(str(cfg.root), split, cfg.on_bad_file)
     if _remote_root(cfg):
         from hirl_ray.data.s3 import localize
 

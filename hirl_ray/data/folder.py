@@ -99,7 +99,80 @@ def load_rgb(path: str, max_reduction: Callable[[int, int], int] | None = None) 
     return to_rgb(img)
 
 
-class ImageFolderDataset(HierDataset):
+class ImageFiles(HierDataset):
+    """Images in files, one class label each; decoded when read (:meth:`read`).
+
+    The shared part of a local :class:`ImageFolderDataset` and an ``s3://`` image folder read
+    object by object (:class:`~hirl_ray.data.s3.S3ImageFiles`, the Ray Data path): the
+    ``data.on_bad_file`` policy and the mask of files found unreadable.
+
+    Args:
+        paths: one file path or URI per sample, in index order.
+        labels: the class index of each sample.
+        classes: class names; ``labels`` index into them.
+        root: the dataset root (for messages).
+        on_bad_file: ``data.on_bad_file``.
+    """
+
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str],
+                 root: str | Path, on_bad_file: str = "error") -> None:
+        if on_bad_file not in ON_BAD_FILE:
+            raise ConfigError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, "
+                              f"got {on_bad_file!r}")
+        self.root = root
+        self.classes: list[str] = list(classes)
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1, 1)
+        self.level_names = LEVEL_NAMES
+        self.on_bad_file = on_bad_file
+        # One byte per file, in shared memory: DataLoader worker processes (forked or spawned)
+        # write the same bytes, so the parent process sees what they found.
+        self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+
+    def read(self, path: str, max_reduction: Callable[[int, int], int] | None = None
+             ) -> Image.Image:
+        """Decode one file (a local path here; subclasses read other stores), a JPEG at
+        reduced size where allowed (:func:`load_rgb`)."""
+        return load_rgb(path, max_reduction)
+
+    def load(self, i: int, max_reduction: Callable[[int, int], int] | None = None) -> Image.Image:
+        """:meth:`image`, a JPEG decoded at reduced size where allowed (:func:`load_rgb`)."""
+        return self.image(i, max_reduction)
+
+    def image(self, i: int, max_reduction: Callable[[int, int], int] | None = None
+              ) -> Image.Image:
+        """Sample ``i`` as RGB; an unreadable file raises or is replaced (``on_bad_file``)."""
+        n = len(self.paths)
+        for j in (i + step for step in range(n)):
+            j %= n
+            if self._bad[j]:
+                continue
+            try:
+                return self.read(self.paths[j], max_reduction)
+            # Whatever a decoder raises on a damaged file (OSError, SyntaxError, struct.error,
+            # DecompressionBombError, …) means this file is bad.
+            except Exception as e:  # noqa: BLE001
+                why = f"{type(e).__name__}: {e}"
+                if self.on_bad_file == "error":
+                    raise BadImageFile(
+                        f"cannot read image {self.paths[j]} ({why}); replace or delete the "
+                        "file, or set data.on_bad_file=skip") from None
+                self._bad[j] = 1
+                log.warning("skipping unreadable image %s (%s); data.on_bad_file=skip",
+                            self.paths[j], why)
+        raise BadImageFile(f"data.root={self.root}: no image of the split could be read "
+                           "(every file failed to decode); check the files")
+
+    def bad_file_mask(self) -> torch.Tensor:
+        """``(N,)`` uint8: 1 for every file found unreadable and skipped so far."""
+        return self._bad
+
+    def skipped_files(self) -> list[str]:
+        """Paths of the files skipped so far (``data.on_bad_file=skip``)."""
+        return [self.paths[j] for j in torch.nonzero(self._bad).flatten().tolist()]
+
+
+class ImageFolderDataset(ImageFiles):
     """One split of an image folder; labels are (N, 1) class indices.
 
     Class indices come from the *train* folder's sorted class names (when it exists), so the
@@ -155,51 +228,8 @@ class ImageFolderDataset(HierDataset):
                 f"({', '.join(IMG_EXTENSIONS[:4])}, ...); add images or remove the folder"
             )
         self.folder = folder
-        self.root = root
-        self.classes: list[str] = classes
-        self.paths = [p for p, _ in samples]
-        self.labels = np.asarray([t for _, t in samples], dtype=np.int64).reshape(-1, 1)
-        self.level_names = LEVEL_NAMES
-        self.on_bad_file = on_bad_file
-        # One byte per file, in shared memory: DataLoader worker processes (forked or spawned)
-        # write the same bytes, so the parent process sees what they found.
-        self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
-
-    def load(self, i: int, max_reduction: Callable[[int, int], int] | None = None) -> Image.Image:
-        """:meth:`image`, a JPEG decoded at reduced size where allowed (:func:`load_rgb`)."""
-        return self.image(i, max_reduction)
-
-    def image(self, i: int, max_reduction: Callable[[int, int], int] | None = None
-              ) -> Image.Image:
-        """Sample ``i`` as RGB; an unreadable file raises or is replaced (``on_bad_file``)."""
-        n = len(self.paths)
-        for j in (i + step for step in range(n)):
-            j %= n
-            if self._bad[j]:
-                continue
-            try:
-                return load_rgb(self.paths[j], max_reduction)
-            # Whatever a decoder raises on a damaged file (OSError, SyntaxError, struct.error,
-            # DecompressionBombError, …) means this file is bad.
-            except Exception as e:  # noqa: BLE001
-                why = f"{type(e).__name__}: {e}"
-                if self.on_bad_file == "error":
-                    raise BadImageFile(
-                        f"cannot read image {self.paths[j]} ({why}); replace or delete the "
-                        "file, or set data.on_bad_file=skip") from None
-                self._bad[j] = 1
-                log.warning("skipping unreadable image %s (%s); data.on_bad_file=skip",
-                            self.paths[j], why)
-        raise BadImageFile(f"data.root={self.root}: no image of the split could be read "
-                           "(every file failed to decode); check the files")
-
-    def bad_file_mask(self) -> torch.Tensor:
-        """``(N,)`` uint8: 1 for every file found unreadable and skipped so far."""
-        return self._bad
-
-    def skipped_files(self) -> list[str]:
-        """Paths of the files skipped so far (``data.on_bad_file=skip``)."""
-        return [self.paths[j] for j in torch.nonzero(self._bad).flatten().tolist()]
+        super().__init__([p for p, _ in samples], [t for _, t in samples], classes, root,
+                         on_bad_file)
 
     def bad_files(self) -> list[tuple[str, str]]:
         """``(path, reason)`` of files found broken without decoding any image.

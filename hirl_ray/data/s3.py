@@ -1,4 +1,5 @@
-"""Datasets under an ``s3://bucket/prefix``: downloaded once per node into a local cache.
+"""Datasets under an ``s3://bucket/prefix``: downloaded once per node into a local cache, or
+(``data.loader=ray_data``) read object by object (:func:`list_image_folder`).
 
 Every Ray worker on a node calls :func:`localize`; a file lock makes the first one
 download (in parallel threads) while the others wait, and a manifest marks the copy
@@ -11,13 +12,18 @@ selects another endpoint. The cache lives in ``$HIRL_RAY_CACHE`` (default
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+from PIL import Image
+
 from hirl_ray.config import ConfigError
+from hirl_ray.data.folder import ImageFiles, load_rgb
 
 MANIFEST = ".hirl_ray_manifest.json"
 
@@ -128,3 +134,93 @@ def localize(uri: str, max_workers: int = 16) -> Path:
             list(pool.map(fetch, todo))
         manifest_path.write_text(json.dumps(objects))
     return local
+
+
+# ---- read object by object (data.loader=ray_data): no local copy ----------------------------
+
+_CLIENTS: dict[int, object] = {}
+
+
+def _client():
+    """One boto3 client per process (clients are thread-safe, not fork- or pickle-safe)."""
+    import boto3
+
+    pid = os.getpid()
+    if pid not in _CLIENTS:
+        _CLIENTS[pid] = boto3.client("s3")
+    return _CLIENTS[pid]
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of one ``s3://bucket/key`` object."""
+    bucket, key = _bucket_prefix(uri)
+    return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+class S3ImageFiles(ImageFiles):
+    """One split of an ``s3://`` image folder whose images are read object by object.
+
+    The same samples, in the same index order, as :class:`~hirl_ray.data.folder.ImageFolderDataset`
+    on a downloaded copy (:func:`list_image_folder`), so hierarchy assignments and evaluation
+    labels agree whichever path read the images; nothing is cached on disk.
+    """
+
+    def read(self, path: str, max_reduction: Callable[[int, int], int] | None = None
+             ) -> Image.Image:
+        return load_rgb(io.BytesIO(read_object(path)), max_reduction)
+
+
+def _folder_samples(objects: dict[str, int], root: str) -> dict[str, list[tuple[str, str]]]:
+    """``class -> [(dirname, filename)]`` of the image objects under ``root`` (a key prefix)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key in objects:
+        rest = key[len(root):] if key.startswith(root) else ""
+        if "/" not in rest or not rest.lower().endswith(IMG_EXTENSIONS):
+            continue  # files directly in the split folder belong to no class
+        cls = rest.split("/", 1)[0]
+        dirname, filename = key.rsplit("/", 1)
+        out.setdefault(cls, []).append((dirname, filename))
+    return out
+
+
+def list_image_folder(uri: str, split: str, on_bad_file: str = "error") -> S3ImageFiles:
+    """The ``split`` of the image folder at ``uri`` from bucket listings, downloading nothing.
+
+    Index order is torchvision's ``make_dataset`` on a local copy: classes sorted (from
+    ``train/``), then each class's files by directory, then by name (``sorted(os.walk)``).
+    """
+    import boto3
+
+    from hirl_ray.data.folder import SPLIT_FOLDERS
+
+    bucket, prefix = _bucket_prefix(uri)
+    client = boto3.client("s3")
+
+    def samples_of(folder: str) -> dict[str, list[tuple[str, str]]]:
+        root = f"{prefix}/{folder}/" if prefix else f"{folder}/"
+        objects = _list_or_fail(client, uri, bucket, root.rstrip("/"), allow_empty=True)
+        return _folder_samples(objects, root)
+
+    train = samples_of("train")
+    for folder in SPLIT_FOLDERS[split]:
+        found = train if folder == "train" else samples_of(folder)
+        if found:
+            break
+    else:
+        raise ConfigError(f"data.root={uri}: no images under "
+                          f"{' or '.join(f'{f}/<class>/' for f in SPLIT_FOLDERS[split])}; upload "
+                          "the ImageFolder layout (train/ and val/ class sub-folders)")
+    classes = sorted(train or found)
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise ConfigError(f"data.root={uri}: {folder}/ has classes {extra[:5]} that are not in "
+                          "train/; use the same class folders")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirname, filename in sorted(found.get(cls, ())):
+            paths.append(f"s3://{bucket}/{dirname}/{filename}")
+            labels.append(label)
+    return S3ImageFiles(paths, labels, classes, uri, on_bad_file)
+

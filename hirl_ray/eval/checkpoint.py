@@ -216,7 +216,8 @@ def _param_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dic
 
 def _sample_keys(cfg: DataConfig) -> DataConfig:
     """``cfg`` without the keys that do not change which samples a split holds."""
-    return dataclasses.replace(cfg, loader_workers=0, on_bad_file="error")
+    return dataclasses.replace(cfg, loader_workers=0, on_bad_file="error", loader="torch",
+                               ray_data_cpus=1.0, ray_data_max_actors=0)
 
 
 def run_checkpoint_evaluation(
@@ -267,7 +268,8 @@ def run_checkpoint_evaluation(
     show = sys.stdout.isatty() if progress is None else progress
     splits = {}
     for split in ("train", "test"):
-        ds = build_dataset(cfg.data, split)
+        # data.loader=ray_data: an s3:// image folder is read object by object, as in training.
+        ds = build_dataset(cfg.data, split, local_copy=cfg.data.loader != "ray_data")
         images = ViewDataset(ds, eval_transform(cfg.data.image_size))
         loader = DataLoader(images, batch_size=batch_size, shuffle=False,
                             num_workers=cfg.data.loader_workers,

@@ -33,6 +33,7 @@ from hirl_ray.train.checkpoint import latest_good_checkpoint, read_meta
 from hirl_ray.train.interrupt import Interrupted, StopRequest, run_in_thread
 from hirl_ray.train.numerics import NonFiniteError
 from hirl_ray.train.ray_cluster import connect
+from hirl_ray.train.ray_data import train_datasets, train_source
 from hirl_ray.train.ray_stop import start_stop_flag
 from hirl_ray.train.ray_worker import train_worker, worker_config
 from hirl_ray.train.steps import call_with_modules, registering_modules
@@ -131,9 +132,17 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: str, num_samples: int,
             ray_metrics=cfg.observe.ray_metrics),
             num_cpus=cfg.hirl.actor_num_cpus, num_gpus=cfg.hirl.actor_num_gpus)
     gpus = {"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}
+    datasets, source_ref = None, None
+    if cfg.data.loader == "ray_data":
+        # One copy in the object store for the decode actors and the workers (the features
+        # pass, online evaluation); the Dataset streams the shuffled views to the workers.
+        source = train_source(cfg)
+        source_ref = ray.put(source)
+        datasets = train_datasets(cfg, source_ref, len(source))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=worker_config(cfg, name, run_dir, stop_flag),
+        train_loop_config=worker_config(cfg, name, run_dir, stop_flag, source_ref),
+        datasets=datasets,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **gpus}),

@@ -43,6 +43,7 @@ from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_re
 from hirl_ray.train.numerics import NonFiniteError
 from hirl_ray.train.observe import RunObserver, hierarchy_state
 from hirl_ray.train.ray_compat import quiet_train_report_logger
+from hirl_ray.train.ray_data import ShardLoader
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
 from hirl_ray.train.ray_metrics import TrainMetrics
 from hirl_ray.train.ray_stop import stop_poll
@@ -79,13 +80,21 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed + rank)
 
-    train_set = build_dataset(cfg.data, "train")
+    ray_data = cfg.data.loader == "ray_data"
+    # ray_data: the driver's copy of the split (an s3:// folder listed, not downloaded).
+    train_set = ray.get(worker_cfg["train_source"][0]) if ray_data \
+        else build_dataset(cfg.data, "train")
     run = build_parts(cfg, rank, world, device)  # HirlModel, its param groups -> optimiser
     run.train_set = train_set  # counts the files data.on_bad_file=skip replaced
-    # The method's views, or (data.augment_on=gpu) decoding here and the views on the device.
-    transform, run.augment = train_views(cfg, run.model.method, train_set, rank)
-    run.loader = ray.train.torch.prepare_data_loader(  # Ray 2: device transfer
-        build_train_loader(cfg, train_set, transform, rank, world))
+    if ray_data:  # Ray 2: this worker's share of the Ray Dataset, decoded elsewhere
+        run.loader = ShardLoader(cfg, len(train_set), world)
+    else:
+        # The method's views, or (data.augment_on=gpu) decoding here and the views on the device.
+        transform, run.augment = train_views(cfg, run.model.method, train_set, rank)
+        run.loader = ray.train.torch.prepare_data_loader(  # Ray 2: device transfer
+            build_train_loader(cfg, train_set, transform, rank, world))
+    # The clustering pass reads every sample once, un-augmented, with a DataLoader on the
+    # training nodes, on both paths (ray_data: straight from S3, no local copy).
     run.feature_loader = ray.train.torch.prepare_data_loader(
         build_feature_loader(cfg, train_set, world), move_to_device=False)
     actor = get_actor(worker_cfg["actor_name"]) if cfg.hirl.enabled else None  # Ray 3: actor
@@ -135,13 +144,17 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
 # ---- what the driver sends: the config plus the modules that register its names -----------
 
 def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
-                  stop_flag: str | None = None) -> dict[str, Any]:
+                  stop_flag: str | None = None, train_source: Any = None) -> dict[str, Any]:
     """``train_loop_config`` of the TorchTrainer running :func:`train_worker`.
 
     ``stop_flag``: the named actor the driver sets on SIGINT/SIGTERM (``None``: none).
+    ``train_source``: with ``data.loader=ray_data``, the object ref of the training split the
+    driver built (:func:`~hirl_ray.train.ray_data.train_source`).
     """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
-            "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag}
+            "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag,
+            # In a list: a ref nested in the config is passed on, not resolved.
+            "train_source": [train_source]}
 
 
 # ---- watching the run (rank 0) -------------------------------------------------------------

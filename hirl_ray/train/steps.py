@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from hirl_ray.config import BACKBONES, DATASETS, METHODS, PROTOCOLS, ExperimentConfig
 from hirl_ray.data import ViewDataset, build_dataset, eval_transform
 from hirl_ray.data.device_views import DecodeFixed, DeviceViews, decode_size
+from hirl_ray.data.ingest import index_coverage
 from hirl_ray.eval.report import run_evaluation
 from hirl_ray.methods.distributed import convert_sync_batchnorm, world_size
 from hirl_ray.methods.hirl import HirlModel
@@ -62,6 +63,8 @@ class WorkerRun:
     amp_dtype: torch.dtype | None = None
     observer: Any = None  # rank 0's RunObserver (hirl_ray.train.observe); None elsewhere
     tree_sample: Any = None  # rank 0: (features, indices) kept from the last rebuild
+    #: ``(N,)`` how often this rank trained on each index in the last epoch.
+    index_counts: torch.Tensor | None = None
 
     @property
     def use_amp(self) -> bool:
@@ -170,6 +173,30 @@ def build_parts(cfg: ExperimentConfig, rank: int, world: int, device: torch.devi
 
 # ---- one epoch, its metrics, online evaluation ---------------------------------------------
 
+class IndexCounter:
+    """Passes a loader's ``(views, index)`` batches through, counting each index seen.
+
+    ``counts``: ``(num_samples,)`` int32 on the batches' device (one ``index_add_`` per step,
+    no host sync); summed over ranks by :func:`epoch_metrics` (``index_missed``,
+    ``index_repeats``).
+    """
+
+    def __init__(self, loader: Iterable, num_samples: int) -> None:
+        self.loader = loader
+        self.num_samples = num_samples
+        self.counts: torch.Tensor | None = None
+
+    def __iter__(self):
+        for views, index in self.loader:
+            if self.counts is None:
+                self.counts = torch.zeros(self.num_samples, dtype=torch.int32,
+                                          device=index.device)
+            self.counts.index_add_(0, index.to(self.counts.device),
+                                   torch.ones_like(index, dtype=torch.int32,
+                                                   device=self.counts.device))
+            yield views, index
+
+
 def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, int]:
     """:func:`~hirl_ray.train.loop.train_epoch` with the run's schedules; the new step."""
     cfg = run.cfg
@@ -178,15 +205,29 @@ def train_one_epoch(run: WorkerRun, epoch: int, step: int) -> tuple[EpochStats, 
     steps_per_epoch = len(run.loader)
     if run.observer is not None:
         run.observer.begin_epoch(epoch, steps_per_epoch)
-    return train_epoch(run.ddp, run.loader, run.optimizer, epoch=epoch, step=step,
-                       total_steps=steps_per_epoch * cfg.train.epochs, base_lr=cfg.train.lr,
-                       warmup_steps=steps_per_epoch * cfg.train.warmup_lr_epochs,
-                       hierarchy=run.hierarchy, device=run.device, scaler=run.scaler,
-                       amp_dtype=run.amp_dtype, generator=run.generator,
-                       poll_every=HIERARCHY_POLL_EVERY,
-                       weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
-                       guard=run.guard, min_lr=cfg.train.min_lr, augment=run.augment,
-                       observer=run.observer, steps_per_epoch=steps_per_epoch)
+    counter = IndexCounter(run.loader, len(run.train_set))
+    out = train_epoch(run.ddp, counter, run.optimizer, epoch=epoch, step=step,
+                      total_steps=steps_per_epoch * cfg.train.epochs, base_lr=cfg.train.lr,
+                      warmup_steps=steps_per_epoch * cfg.train.warmup_lr_epochs,
+                      hierarchy=run.hierarchy, device=run.device, scaler=run.scaler,
+                      amp_dtype=run.amp_dtype, generator=run.generator,
+                      poll_every=HIERARCHY_POLL_EVERY,
+                      weight_decay=(cfg.train.weight_decay, cfg.train.weight_decay_end),
+                      guard=run.guard, min_lr=cfg.train.min_lr, augment=run.augment,
+                      observer=run.observer, steps_per_epoch=steps_per_epoch)
+    run.index_counts = counter.counts
+    return out
+
+
+def index_counts_all_ranks(run: WorkerRun) -> dict[str, int]:
+    """:func:`~hirl_ray.data.ingest.index_coverage` of the last epoch over every rank (a
+    collective: one all-reduce of ``N`` int32)."""
+    n = len(run.train_set)
+    counts = run.index_counts if run.index_counts is not None else torch.zeros(n, dtype=torch.int32)
+    counts = counts.to(run.device)
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    return index_coverage(counts)
 
 
 def bad_files_skipped(dataset: Any, device: torch.device) -> int:
@@ -214,7 +255,9 @@ def epoch_metrics(run: WorkerRun, stats: EpochStats, attempt: int) -> dict[str, 
 
     ``attempt``: the worker group's incarnation (``ResumePlan.attempt``), saved for a resume.
     ``nan_skipped``: this epoch's non-finite steps; ``bad_files_skipped``: unreadable files
-    skipped since the workers started (all ranks; ``data/bad_files_skipped`` in metrics.json).
+    skipped since the workers started (all ranks; ``data/bad_files_skipped`` in metrics.json);
+    ``index_missed`` / ``index_repeats``: training indices not trained on this epoch, and
+    extra visits (both 0: every index exactly once, all ranks).
     """
     pending = getattr(run.hierarchy, "pending_round", None)  # a HierarchyClient's open round
     return {"epoch": stats.epoch + 1, "loss": stats.loss, "ssl_loss": stats.method_loss,
@@ -227,7 +270,8 @@ def epoch_metrics(run: WorkerRun, stats: EpochStats, attempt: int) -> dict[str, 
             "hierarchy_attempt": attempt,
             "samples_per_s": stats.samples_per_s * run.world, "epoch_s": stats.seconds,
             "nan_skipped": stats.nan_skipped,
-            "bad_files_skipped": bad_files_skipped(run.train_set, run.device)}
+            "bad_files_skipped": bad_files_skipped(run.train_set, run.device),
+            **index_counts_all_ranks(run)}
 
 
 def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
@@ -237,8 +281,12 @@ def is_eval_epoch(completed: int, cfg: ExperimentConfig) -> bool:
 
 
 def online_eval_inputs(cfg: ExperimentConfig, train_set) -> dict[str, Any]:
-    """Loaders and labels for rank 0's periodic kNN/NMI (features stay on CPU)."""
-    test_set = build_dataset(cfg.data, "test")
+    """Loaders and labels for rank 0's periodic kNN/NMI (features stay on CPU).
+
+    With ``data.loader=ray_data`` an ``s3://`` test split is read object by object, as the
+    training split, not downloaded to rank 0's node.
+    """
+    test_set = build_dataset(cfg.data, "test", local_copy=cfg.data.loader != "ray_data")
     tf = eval_transform(cfg.data.image_size)
     train_view: Any = ViewDataset(train_set, tf)
     if cfg.eval.max_train_samples and cfg.eval.max_train_samples < len(train_set):
