@@ -137,7 +137,8 @@ def check_host_syncs(device: torch.device, quick: bool) -> dict[str, Any]:
         # The same set-up runs, so the check cannot rot; only CUDA has a sync debug mode.
         setup = _method_setup("simclr", device, 8, 2)
         assert setup is not None
-        _epoch(*[setup[i] for i in (1, 3, 4, 2)], device, None)
+        _, model, h, batches, opt = setup
+        _epoch(model, batches, opt, h, device, None)
         return {"ok": None, "skipped": "sync debug mode is CUDA-only (the set-up ran on cpu)"}
     n, batch = (2, 16) if quick else (8, 64)
     out: dict[str, Any] = {}

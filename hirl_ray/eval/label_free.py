@@ -92,10 +92,15 @@ def eigenspectrum_decay(features: np.ndarray | torch.Tensor, skip: int = 1,
 ALPHA_REQ_FLOOR = -10.0
 
 
-def alpha_req(features: np.ndarray | torch.Tensor) -> float:
+def alpha_req_score(alpha: float) -> float:
     """``-|alpha - 1|``: 0 for the ``1/i`` spectrum alpha-ReQ finds best, lower either side
     (at least :data:`ALPHA_REQ_FLOOR`)."""
-    return max(-abs(eigenspectrum_decay(features) - 1.0), ALPHA_REQ_FLOOR)
+    return max(-abs(alpha - 1.0), ALPHA_REQ_FLOOR)
+
+
+def alpha_req(features: np.ndarray | torch.Tensor) -> float:
+    """:func:`alpha_req_score` of the features' :func:`eigenspectrum_decay`."""
+    return alpha_req_score(eigenspectrum_decay(features))
 
 
 def hierarchy_silhouette(features: np.ndarray | torch.Tensor, num_clusters: Sequence[int],
@@ -259,15 +264,15 @@ class LabelFreeProtocol(EvalProtocol):
             feats, _ = _subset(*inputs.features("test"), cfg.max_samples, inputs.seed)
             scorers: dict[str, Callable[[], float]] = {
                 "rankme": lambda: rankme(feats),
-                "alpha_req": lambda: alpha_req(feats),
+                "alpha_req": lambda: alpha_req_score(out[f"{PREFIX}/alpha"]),
                 "silhouette": lambda: hierarchy_silhouette(feats, sizes, inputs.seed),
                 "stability": lambda: cluster_stability(feats, sizes, cfg.stability_rounds,
                                                        cfg.stability_fraction, inputs.seed),
             }
+            if "alpha_req" in feature_criteria:  # one SVD for alpha and its score
+                out[f"{PREFIX}/alpha"] = eigenspectrum_decay(feats)
             for name in feature_criteria:
                 out[f"{PREFIX}/{name}"] = scorers[name]()
-            if "alpha_req" in feature_criteria:
-                out[f"{PREFIX}/alpha"] = eigenspectrum_decay(feats)
         if "tree_knn" in cfg.criteria:
             out[f"{PREFIX}/tree_knn"] = 0.0
             if h is not None:
