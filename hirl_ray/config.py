@@ -485,9 +485,17 @@ class ObserveConfig:
     status_every_s: float = 30.0
     # ray.util.metrics gauges/counters (Ray dashboard, Prometheus), names hirl_ray_*.
     ray_metrics: bool = True
+    # An MLflow run per fit (per trial in a sweep): the TensorBoard scalars, the tree picture
+    # and the config as parameters (extra [mlflow]). Tracking URI "" = MLFLOW_TRACKING_URI.
+    mlflow: bool = False
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "hirl_ray"
 
     def check(self, where: str) -> None:
         check_positive(self, where, "every_steps", "status_every_s")
+        if self.mlflow and not self.mlflow_experiment:
+            raise ConfigError(f"{where}.mlflow_experiment must not be empty with "
+                              f"{where}.mlflow=true")
 
 
 def _default_method() -> MethodConfig:

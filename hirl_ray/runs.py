@@ -65,6 +65,7 @@ class RunLayout:
     train: str = "train"
     hierarchy: str = "hierarchy"
     tensorboard: str = "tensorboard"
+    mlflow: str = "mlflow.json"
     status: str = "status.json"
     params: str = "params.json"
     placement_group: str = "placement_group.txt"
@@ -97,6 +98,10 @@ class RunLayout:
 
     def tensorboard_dir(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.tensorboard)
+
+    def mlflow_file(self, run_dir: str | Path) -> str:
+        """The MLflow run a fit writes to (``observe.mlflow``), continued on resume."""
+        return storage.join(run_dir, self.mlflow)
 
     def status_file(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.status)

@@ -91,6 +91,8 @@ def format_status(run_dir: str, status: dict[str, Any] | None, now: float | None
     tb = status.get("tensorboard")
     if tb:
         lines.append(f"TensorBoard  tensorboard --logdir {tb}")
+    if status.get("mlflow"):
+        lines.append(f"MLflow       {status['mlflow']}")
     return "\n".join(lines)
 
 

@@ -207,6 +207,7 @@ def no_ray_started(monkeypatch):
     """Fails the test if a case reached Ray: ``ray.init`` and the two Ray entry points raise,
     and afterwards Ray is as initialised as before and no raylet/GCS was spawned."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow_without_uri.yaml
     was_initialized = ray.is_initialized()
     if was_initialized:  # a Ray left by an earlier test in this process is not "given"
         monkeypatch.setattr(resources, "ray_given", lambda: False)

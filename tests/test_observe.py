@@ -148,7 +148,7 @@ def test_tensorboard_holds_step_and_epoch_scalars_and_the_tree_image(tmp_path):
     clock = FakeClock()
     tb = TensorBoardLog(cfg.run_dir)
     obs = RunObserver(cfg, cfg.run_dir, world=1, hierarchy=lambda: "v1", clock=clock,
-                      tensorboard=tb)
+                      boards=[tb])
     h, feats = _hierarchy()
     images = torch.randint(0, 255, (60, 3, 8, 8), dtype=torch.uint8)
     obs.begin_epoch(0, 4)

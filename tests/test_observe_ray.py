@@ -3,6 +3,7 @@ prototype tree), the Ray metrics on the node's Prometheus endpoint, and status.j
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 import urllib.request
@@ -58,12 +59,16 @@ class Scraper(threading.Thread):
 def test_fit_writes_tensorboard_ray_metrics_and_status(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # MLflow too when installed (extra [mlflow]; in the test extras): a sqlite store here.
+    mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow_on = {"observe.mlflow": True, "observe.mlflow_uri": mlflow_uri} \
+        if importlib.util.find_spec("mlflow") else {}
     scraper = Scraper("watched")
     scraper.start()
     try:
         result = hirl_ray.fit(None, tiny_config(tmp_path, **{
             "observe.every_steps": 1, "storage.name": "watched",
-            "train.progress_every_steps": 1}))
+            "train.progress_every_steps": 1, **mlflow_on}))
     finally:
         scraper.done.set()
         scraper.join()
@@ -80,6 +85,19 @@ def test_fit_writes_tensorboard_ray_metrics_and_status(tmp_path, capsys):
     assert len(acc.Scalars("loss/total")) >= 3 * 2  # every step (2 steps an epoch at least)
     assert "loss/semantic" in scalars  # HIRL ran after the warm-up
     assert acc.Images("hierarchy/prototype_tree")[0].encoded_image_string[:4] == b"\x89PNG"
+    if mlflow_on:  # the same curves in the MLflow run, which ended FINISHED
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+        (run_info,) = client.search_runs(
+            [client.get_experiment_by_name("hirl_ray").experiment_id])
+        assert run_info.info.status == "FINISHED" and run_info.info.run_name == "watched"
+        steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "epoch/loss")]
+        assert steps == [1, 2, 3]
+        assert len(client.get_metric_history(run_info.info.run_id, "loss/total")) == \
+            len(acc.Scalars("loss/total"))
+        assert client.list_artifacts(run_info.info.run_id, "hierarchy")
+        assert run_info.data.params["hirl.num_clusters"] == "[12, 4]"
 
     status = run_status.read_status(str(run))
     assert status["state"] == "finished" and status["epoch"] == 3

@@ -9,8 +9,9 @@ step, never once per step). What it shows:
   ``train.progress_every_steps`` steps) — step, samples/s, loss terms, lr, hierarchy state, ETA
   of the epoch and of the run — or, given a tqdm-like ``bar``, that line as the bar's
   description (a Ray worker's output is never a terminal: the worker uses lines);
-* TensorBoard (``observe.tensorboard``): step scalars every ``observe.every_steps`` steps,
-  epoch scalars, the prototype tree at every new hierarchy version;
+* boards — TensorBoard (``observe.tensorboard``) and an MLflow run (``observe.mlflow``):
+  step scalars every ``observe.every_steps`` steps, epoch scalars, the prototype tree at every
+  new hierarchy version, the same to each;
 * a metrics sink (the Ray metrics of :mod:`hirl_ray.train.ray_metrics`), injected;
 * ``status.json`` (:mod:`hirl_ray.status`) at least every ``observe.status_every_s``.
 
@@ -20,8 +21,8 @@ No Ray here: the worker passes in the Ray-specific parts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -30,11 +31,26 @@ from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy import PrototypeHierarchy
 from hirl_ray.logs import get_logger
 from hirl_ray.train.loop import EpochStats, StepView
-from hirl_ray.train.tensorboard import TensorBoardLog
 
 log = get_logger(__name__)
 
 Sink = Callable[[Mapping[str, float]], None]
+
+
+class Board(Protocol):
+    """Where curves go: :class:`~hirl_ray.train.tensorboard.TensorBoardLog`,
+    :class:`~hirl_ray.train.mlflow_log.MlflowLog`."""
+
+    kind: str  # status.json key of ``target`` ("tensorboard", "mlflow")
+    target: str  # where to look (a folder, a tracking URI and run id)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def figure(self, tag: str, figure: Any, step: int) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def close(self, state: str = "finished") -> None: ...
 
 #: Epoch metrics that are bookkeeping for a resume, not curves (kept out of TensorBoard).
 NOT_CURVES = ("epoch", "hierarchy_attempt", "hierarchy_pending_round", "hierarchy_building")
@@ -84,19 +100,19 @@ class RunObserver:
         bar: A tqdm-like class (``total``, ``desc``; ``update``, ``set_description``,
             ``close``), or ``None`` for plain lines.
         sink: Receives the key figures at shown steps and epoch ends (Ray metrics).
-        tensorboard: The event writer, or ``None``.
+        boards: TensorBoard's event writer, an MLflow run, ... (may be empty).
         clock: Monotonic seconds (tests pass a fake one).
         emit: Where plain lines go.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str, *, world: int,
                  hierarchy: Callable[[], str], bar: Callable[..., Any] | None = None,
-                 sink: Sink | None = None, tensorboard: TensorBoardLog | None = None,
+                 sink: Sink | None = None, boards: Sequence[Board] = (),
                  clock: Callable[[], float] = time.monotonic,
                  emit: Callable[[str], None] = log.info) -> None:
         self.cfg, self.run_dir, self.world = cfg, run_dir, world
         self.hierarchy, self.bar_factory, self.sink = hierarchy, bar, sink
-        self.tb, self.clock, self.emit = tensorboard, clock, emit
+        self.boards, self.clock, self.emit = tuple(boards), clock, emit
         self.every_s = cfg.train.progress_every_s
         self.every_steps = cfg.train.progress_every_steps
         self.tb_every = cfg.observe.every_steps
@@ -109,8 +125,8 @@ class RunObserver:
         self._drawn_version = 0
         self.status: dict[str, Any] = {"state": "running", "epochs": cfg.train.epochs,
                                        "epoch": 0, "step": 0}
-        if tensorboard is not None:
-            self.status["tensorboard"] = tensorboard.target
+        for board in self.boards:
+            self.status[board.kind] = board.target
 
     # ---- per step ----
     def begin_epoch(self, epoch: int, steps_per_epoch: int) -> None:
@@ -130,7 +146,7 @@ class RunObserver:
             self._bar.update(1)
         line = now - self._last_line >= self.every_s or (
             self.every_steps > 0 and v.steps % self.every_steps == 0)
-        tb = self.tb is not None and v.step % self.tb_every == 0
+        tb = bool(self.boards) and v.step % self.tb_every == 0
         sink = self.sink is not None and line
         status = now - self._last_status >= self.status_every_s
         if not (line or tb or sink or status):
@@ -144,7 +160,6 @@ class RunObserver:
             else:
                 self.emit(text)
         if tb:
-            assert self.tb is not None
             t, samples = self._tb_last
             steps = max(1, int(self._window[2]))
             step_values = {**values, "time/data_wait_s": self._window[0] / steps,
@@ -155,7 +170,8 @@ class RunObserver:
                 step_values["gpu/memory_allocated_gb"] = torch.cuda.memory_allocated() / 1e9
                 step_values["gpu/max_memory_allocated_gb"] = \
                     torch.cuda.max_memory_allocated() / 1e9
-            self.tb.scalars(step_values, v.step)
+            for board in self.boards:
+                board.scalars(step_values, v.step)
             self._window = [0.0, 0.0, 0]
             self._tb_last = (now, v.samples)
         if sink:
@@ -227,17 +243,14 @@ class RunObserver:
             values["rebuild/peak_rss_gb"] = rebuild["peak_rss_gb"]
             values["rebuild/superseded_rounds"] = rebuild.get("superseded", 0)
             self.status["last_rebuild"] = dict(rebuild)
-        if self.tb is not None:
-            self.tb.scalars({k: v for k, v in values.items()
-                             if k.removeprefix("epoch/") not in NOT_CURVES}, epoch)
-            if hierarchy is not None and tree is not None \
-                    and hierarchy.version > self._drawn_version:
-                try:
-                    self.tb.figure("hierarchy/prototype_tree", tree(hierarchy), hierarchy.version)
-                    self._drawn_version = hierarchy.version
-                except Exception as e:  # noqa: BLE001 - a picture never stops training
-                    log.warning("could not draw the prototype tree: %s", e)
-            self.tb.sync()
+        curves = {k: v for k, v in values.items() if k.removeprefix("epoch/") not in NOT_CURVES}
+        for board in self.boards:
+            board.scalars(curves, epoch)
+        if self.boards and hierarchy is not None and tree is not None \
+                and hierarchy.version > self._drawn_version:
+            self._draw(tree, hierarchy)
+        for board in self.boards:
+            board.sync()
         if self.sink is not None:
             self.sink(values)
         self.status.update(epoch=epoch, step=step,
@@ -248,8 +261,24 @@ class RunObserver:
                            last_checkpoint=checkpoint)
         self._write_status(self.clock())
 
-    def close(self) -> None:
+    def _draw(self, tree: Callable[[PrototypeHierarchy], Any],
+              hierarchy: PrototypeHierarchy) -> None:
+        """The prototype tree, drawn once, to every board."""
+        import matplotlib.pyplot as plt
+
+        try:
+            figure = tree(hierarchy)
+            for board in self.boards:
+                board.figure("hierarchy/prototype_tree", figure, hierarchy.version)
+            plt.close(figure)
+            self._drawn_version = hierarchy.version
+        except Exception as e:  # noqa: BLE001 - a picture never stops training
+            log.warning("could not draw the prototype tree: %s", e)
+
+    def close(self, state: str = "finished") -> None:
+        """Close the bar and the boards; ``state``: how the fit ended (finished, stopped,
+        failed), which an MLflow run records."""
         if self._bar is not None:
             self._bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for board in self.boards:
+            board.close(state)

@@ -41,7 +41,7 @@ from hirl_ray.train.checkpoint import (
 from hirl_ray.train.interrupt import run_epochs
 from hirl_ray.train.loop import EpochStats, StaticHierarchy, format_epoch, is_rebuild_epoch, unwrap
 from hirl_ray.train.numerics import NonFiniteError
-from hirl_ray.train.observe import RunObserver, hierarchy_state
+from hirl_ray.train.observe import Board, RunObserver, hierarchy_state
 from hirl_ray.train.ray_compat import quiet_train_report_logger
 from hirl_ray.train.ray_data import ShardLoader
 from hirl_ray.train.ray_hierarchy import HierarchyClient, dist_agree
@@ -124,8 +124,10 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
 
     # Ray 8: SIGINT/SIGTERM on the driver stops every rank after the epoch's checkpoint.
     stop = stop_poll(worker_cfg.get("stop_flag"), rank, dist_agree(device))
+    ended = "failed"
     try:
         done = run_epochs(plan.epoch, cfg.train.epochs, one_epoch, stop)
+        ended = "finished" if done >= cfg.train.epochs else "stopped"
     except NonFiniteError as e:
         # Every rank raises it at the same step (the counters are agreed), so every rank can
         # return: a worker error would make Ray retry (train.max_failures) into the same NaN.
@@ -135,7 +137,7 @@ def train_worker(worker_cfg: dict[str, Any]) -> None:
         return
     finally:
         if run.observer is not None:
-            run.observer.close()
+            run.observer.close(ended)
     if rank == 0 and done < cfg.train.epochs:
         log.info("stopping after epoch %d/%d as asked; its checkpoint is saved", done,
                  cfg.train.epochs)
@@ -164,14 +166,20 @@ TREE_SAMPLES = 2048
 
 
 def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
-    """Rank 0's progress display, TensorBoard log, Ray metrics and status writer."""
+    """Rank 0's progress display, TensorBoard log, MLflow run, Ray metrics and status."""
     cfg = run.cfg
     # Plain lines, which Ray forwards to the driver's console: a worker's stdout is never a
     # terminal, and Ray's tqdm_ray bar did not reach the driver from a Train V2 worker (tried).
-    tb = TensorBoardLog(worker_cfg["run_dir"]) if cfg.observe.tensorboard else None
+    boards: list[Board] = []
+    if cfg.observe.tensorboard:
+        boards.append(TensorBoardLog(worker_cfg["run_dir"]))
+    if cfg.observe.mlflow:
+        from hirl_ray.train.mlflow_log import MlflowLog  # the optional mlflow package
+
+        boards.append(MlflowLog(cfg, worker_cfg["run_dir"]))
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
     return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
-                       tensorboard=tb,
+                       boards=boards,
                        hierarchy=lambda: hierarchy_state(run.hierarchy, cfg.hirl.enabled))
 
 

@@ -26,6 +26,8 @@ log = get_logger(__name__)
 class TensorBoardLog:
     """Scalars and figures for TensorBoard under ``LAYOUT.tensorboard_dir(run_dir)``."""
 
+    kind = "tensorboard"
+
     def __init__(self, run_dir: str, flush_secs: int = 30) -> None:
         from tensorboardX import SummaryWriter
 
@@ -44,8 +46,8 @@ class TensorBoardLog:
                 self.writer.add_scalar(tag, float(value), step)
 
     def figure(self, tag: str, figure: Any, step: int) -> None:
-        """A matplotlib figure as an image (closed after)."""
-        self.writer.add_figure(tag, figure, step, close=True)
+        """A matplotlib figure as an image (the caller closes it)."""
+        self.writer.add_figure(tag, figure, step, close=False)
 
     def sync(self) -> None:
         """Flush; for a remote run folder copy the event files there."""
@@ -61,7 +63,8 @@ class TensorBoardLog:
                     log.warning("could not copy TensorBoard events to %s: %s", self.target, e)
                     return
 
-    def close(self) -> None:
+    def close(self, state: str = "finished") -> None:
+        """Flush, copy (remote) and close; ``state`` is not recorded here."""
         self.sync()
         self.writer.close()
         if self.remote:
