@@ -26,7 +26,7 @@ from hirl_ray.eval.features import eval_mode, extract_features
 from hirl_ray.eval.plots import prototype_tree_figure
 from hirl_ray.hierarchy import PrototypeHierarchy
 from hirl_ray.hierarchy.actor import get_actor
-from hirl_ray.logs import console, get_logger
+from hirl_ray.logs import console, get_logger, redact_text
 from hirl_ray.methods.distributed import broadcast_buffers, ddp_kwargs
 from hirl_ray.methods.hirl import HirlModel
 from hirl_ray.runs import LAYOUT
@@ -176,7 +176,11 @@ def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
     if cfg.observe.mlflow:
         from hirl_ray.train.mlflow_log import MlflowLog  # the optional mlflow package
 
-        boards.append(MlflowLog(cfg, worker_cfg["run_dir"]))
+        try:  # checked on the driver before Ray; a server gone since costs a warning
+            boards.append(MlflowLog(cfg, worker_cfg["run_dir"]))
+        except Exception as e:  # noqa: BLE001 - never the run
+            log.warning("MLflow: no run for this fit (%s: %s)", type(e).__name__,
+                        redact_text(str(e))[:200])
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
     return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
                        boards=boards,
