@@ -166,7 +166,7 @@ TREE_SAMPLES = 2048
 
 
 def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
-    """Rank 0's progress display, TensorBoard log, MLflow run, Ray metrics and status."""
+    """Rank 0's progress display, TensorBoard log, MLflow and W&B runs, Ray metrics and status."""
     cfg = run.cfg
     # Plain lines, which Ray forwards to the driver's console: a worker's stdout is never a
     # terminal, and Ray's tqdm_ray bar did not reach the driver from a Train V2 worker (tried).
@@ -177,6 +177,10 @@ def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
         from hirl_ray.train.mlflow_log import MlflowLog  # the optional mlflow package
 
         boards.append(MlflowLog(cfg, worker_cfg["run_dir"]))
+    if cfg.observe.wandb:
+        from hirl_ray.train.wandb_log import WandbLog  # the optional wandb package
+
+        boards.append(WandbLog(cfg, worker_cfg["run_dir"]))
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
     return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
                        boards=boards,
