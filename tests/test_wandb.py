@@ -251,3 +251,17 @@ def test_checks_before_ray_name_the_key(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"wandb package is not installed: pip install "
                                           r"'hirl_ray\[wandb\]'"):
         check_wandb(on)
+
+
+def test_rank_0_runs_in_the_drivers_wandb_mode(tmp_path, monkeypatch):
+    from hirl_ray.train.ray_worker import worker_config
+
+    cfg = _cfg(tmp_path)
+    carried = worker_config(cfg, "actor", cfg.run_dir)["wandb_mode"]
+    assert carried == "offline"  # the driver's WANDB_MODE (the fixture's)
+    assert worker_config(load_config(cfg, {"observe.wandb": False}), "a", "r")["wandb_mode"] \
+        is None
+    monkeypatch.setenv("WANDB_MODE", "online")  # a node without it: no key, would go online
+    board = WandbLog(cfg, cfg.run_dir, mode=carried)
+    assert board.target.startswith("offline ")
+    board.close()

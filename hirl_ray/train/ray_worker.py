@@ -10,6 +10,7 @@ rebuilds, checkpoint + report) below.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from typing import Any
 
@@ -155,6 +156,9 @@ def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
     """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
             "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag,
+            # The driver's WANDB_MODE (what check_wandb checked): rank 0 may run on a node
+            # without it, and an air-gapped cluster must not try to go online there.
+            "wandb_mode": os.environ.get("WANDB_MODE") if cfg.observe.wandb else None,
             # In a list: a ref nested in the config is passed on, not resolved.
             "train_source": [train_source]}
 
@@ -180,7 +184,7 @@ def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
     if cfg.observe.wandb:
         from hirl_ray.train.wandb_log import WandbLog  # the optional wandb package
 
-        boards.append(WandbLog(cfg, worker_cfg["run_dir"]))
+        boards.append(WandbLog(cfg, worker_cfg["run_dir"], mode=worker_cfg.get("wandb_mode")))
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
     return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
                        boards=boards,

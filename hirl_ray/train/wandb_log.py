@@ -51,9 +51,13 @@ def wandb_settings() -> Any:
 def has_api_key(settings: Any) -> bool:
     """An API key for ``settings.base_url`` by W&B's own lookup (``WANDB_API_KEY``, an identity
     token file, ``~/.netrc``, the settings files); no network."""
-    from wandb.sdk.lib import wbauth  # W&B's lookup; wandb.login would ask the server
-
     try:
+        try:  # W&B's own lookup (wandb.login would ask the server); moved in wandb 0.2x
+            from wandb.sdk.lib import wbauth
+        except ImportError:
+            from wandb.sdk.lib import apikey
+
+            return bool(apikey.api_key(settings=settings))
         auth = wbauth.authenticate_session(host=settings.base_url, source="hirl_ray",
                                            prompt=False, update_session=False)
     except Exception:  # noqa: BLE001 - a malformed key is no key; W&B names it at init
@@ -94,11 +98,13 @@ class WandbLog:
         cfg: The experiment (``observe.wandb_*``, ``storage.name``; logged as the config).
         run_dir: The run folder: ``wandb.json`` there names the W&B run to continue; W&B's
             local files go under it (a temporary folder when the run folder is remote).
+        mode: ``online``/``offline``/``disabled`` (the driver's ``WANDB_MODE``); ``None``:
+            W&B's own settings here.
     """
 
     kind = "wandb"
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, mode: str | None = None) -> None:
         import wandb
 
         path = LAYOUT.wandb_file(run_dir)
@@ -109,7 +115,7 @@ class WandbLog:
         self.run = wandb.init(
             project=cfg.observe.wandb_project, entity=cfg.observe.wandb_entity or None,
             name=redact_text(cfg.storage.name), config=redact(cfg.to_dict()),
-            tags=[cfg.method.name], dir=local, id=saved.get("run_id"), resume="allow",
+            tags=[cfg.method.name], dir=local, id=saved.get("run_id"), resume="allow", mode=mode,
             reinit="create_new",  # one run per fit, even with another open in this process
             settings=wandb.Settings(console="off"))  # rank 0's output already reaches Ray's log
         self.run_id = self.run.id
