@@ -17,6 +17,7 @@ from hirl_ray.runs import LAYOUT, FitResult, check_data, prepare_run, rebuild_me
 from hirl_ray.train.checkpoint import newest_checkpoint_config
 from hirl_ray.train.interrupt import Interrupted
 from hirl_ray.train.mlflow_log import check_mlflow
+from hirl_ray.train.wandb_log import check_wandb
 
 __all__ = ["FitResult", "Interrupted", "TuneResult", "evaluate", "fit", "load_backbone",
            "prepare_run", "tune"]
@@ -47,6 +48,7 @@ def fit(config_or_path: str | Path | Mapping[str, Any] | ExperimentConfig | None
     num_samples = check_data(cfg)  # every check up to prepare_run happens before Ray starts
     check_local_resources(cfg)
     check_mlflow(cfg)  # observe.mlflow: installed, the server answers
+    check_wandb(cfg)  # observe.wandb: installed, an API key unless offline
     run_dir = prepare_run(cfg, newest_checkpoint_config)
     from hirl_ray.train.ray_fit import run_fit  # imports Ray
 

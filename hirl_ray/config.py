@@ -490,12 +490,20 @@ class ObserveConfig:
     mlflow: bool = False
     mlflow_uri: str = ""
     mlflow_experiment: str = "hirl_ray"
+    # A Weights & Biases run per fit (per trial): the same scalars (step ones against
+    # global_step, epoch ones against epoch), the tree picture and the config (extra [wandb]).
+    # Online/offline is W&B's own WANDB_MODE; entity "" = the API key's default entity.
+    wandb: bool = False
+    wandb_project: str = "hirl_ray"
+    wandb_entity: str = ""
 
     def check(self, where: str) -> None:
         check_positive(self, where, "every_steps", "status_every_s")
         if self.mlflow and not self.mlflow_experiment:
             raise ConfigError(f"{where}.mlflow_experiment must not be empty with "
                               f"{where}.mlflow=true")
+        if self.wandb and not self.wandb_project:
+            raise ConfigError(f"{where}.wandb_project must not be empty with {where}.wandb=true")
 
 
 def _default_method() -> MethodConfig:

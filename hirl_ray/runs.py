@@ -46,6 +46,9 @@ class RunLayout:
         train/           Ray Train's run (``RunConfig.name``): checkpoints epoch_NNNN/
         hierarchy/       prototype snapshots hierarchy_vNNNNNN.pt (+ .json origin)
         tensorboard/     a fit's TensorBoard event files (README "Watching a run")
+        mlflow.json      the MLflow run of a fit (observe.mlflow), continued on resume
+        wandb.json       the W&B run of a fit (observe.wandb), continued on resume
+        wandb/           W&B's local files of that run (offline: what ``wandb sync`` uploads)
         status.json      a fit's live state, read by ``hirl-ray status`` (hirl_ray.status)
         params.json      a sweep trial's sampled values
         placement_group.txt   a sweep trial's Train placement group (freed when it ends)
@@ -66,6 +69,7 @@ class RunLayout:
     hierarchy: str = "hierarchy"
     tensorboard: str = "tensorboard"
     mlflow: str = "mlflow.json"
+    wandb: str = "wandb.json"
     status: str = "status.json"
     params: str = "params.json"
     placement_group: str = "placement_group.txt"
@@ -102,6 +106,10 @@ class RunLayout:
     def mlflow_file(self, run_dir: str | Path) -> str:
         """The MLflow run a fit writes to (``observe.mlflow``), continued on resume."""
         return storage.join(run_dir, self.mlflow)
+
+    def wandb_file(self, run_dir: str | Path) -> str:
+        """The W&B run a fit writes to (``observe.wandb``), continued on resume."""
+        return storage.join(run_dir, self.wandb)
 
     def status_file(self, run_dir: str | Path) -> str:
         return storage.join(run_dir, self.status)

@@ -93,6 +93,8 @@ def format_status(run_dir: str, status: dict[str, Any] | None, now: float | None
         lines.append(f"TensorBoard  tensorboard --logdir {tb}")
     if status.get("mlflow"):
         lines.append(f"MLflow       {status['mlflow']}")
+    if status.get("wandb"):
+        lines.append(f"W&B          {status['wandb']}")
     return "\n".join(lines)
 
 

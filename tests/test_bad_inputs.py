@@ -11,6 +11,7 @@ A case is an experiment file as a user would write it, headed by comment lines::
     # args: overrides / CLI arguments (optional; @DATA@ and @TMP@ are substituted)
     # config: the path to pass instead of the case file (optional)
     # requires: s3 (the moto server) | no_gpu (skipped where CUDA shows a GPU)
+    #           | wandb (skipped where the wandb package is not installed)
 
 API entries must raise ``ConfigError`` (``FileNotFoundError`` for a missing file); the CLI must
 exit 2 with exactly one ``hirl-ray: error: ...`` line on stderr. Datasets (corrupt and empty
@@ -203,11 +204,15 @@ def ray_processes() -> set[int]:
 
 
 @pytest.fixture()
-def no_ray_started(monkeypatch):
+def no_ray_started(monkeypatch, tmp_path):
     """Fails the test if a case reached Ray: ``ray.init`` and the two Ray entry points raise,
     and afterwards Ray is as initialised as before and no raylet/GCS was spawned."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow_without_uri.yaml
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:  # wandb_online_without_key
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no user settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))  # nor a `wandb login` key
     was_initialized = ray.is_initialized()
     if was_initialized:  # a Ray left by an earlier test in this process is not "given"
         monkeypatch.setattr(resources, "ray_given", lambda: False)
@@ -259,6 +264,8 @@ def test_refused_with_one_line_before_ray(path, tmp_path, request, capsys, no_ra
         pytest.skip("a GPU is visible; this case is about a machine without one")
     if requires == "s3":
         request.getfixturevalue("s3_server")
+    if requires == "wandb":
+        pytest.importorskip("wandb")
     data = make_data(head["data"], tmp_path / "data") if "data" in head else tmp_path / "data"
 
     def fill(s: str) -> str:

@@ -56,19 +56,23 @@ class Scraper(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_fit_writes_tensorboard_ray_metrics_and_status(tmp_path, capsys):
+def test_fit_writes_tensorboard_ray_metrics_and_status(tmp_path, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # MLflow too when installed (extra [mlflow]; in the test extras): a sqlite store here.
     mlflow_uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow_on = {"observe.mlflow": True, "observe.mlflow_uri": mlflow_uri} \
         if importlib.util.find_spec("mlflow") else {}
+    # W&B too when installed (extra [wandb]), offline: the driver's WANDB_MODE reaches rank 0.
+    wandb_on = {"observe.wandb": True} if importlib.util.find_spec("wandb") else {}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     scraper = Scraper("watched")
     scraper.start()
     try:
         result = hirl_ray.fit(None, tiny_config(tmp_path, **{
             "observe.every_steps": 1, "storage.name": "watched",
-            "train.progress_every_steps": 1, **mlflow_on}))
+            "train.progress_every_steps": 1, **mlflow_on, **wandb_on}))
     finally:
         scraper.done.set()
         scraper.join()
@@ -98,6 +102,19 @@ def test_fit_writes_tensorboard_ray_metrics_and_status(tmp_path, capsys):
             len(acc.Scalars("loss/total"))
         assert client.list_artifacts(run_info.info.run_id, "hierarchy")
         assert run_info.data.params["hirl.num_clusters"] == "[12, 4]"
+    if wandb_on:  # the same curves in the offline W&B run, which exited 0
+        from .test_wandb import WandbRun
+
+        (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+        wb = WandbRun([wandb_file])
+        assert wb.exit_codes == [0] and wb.name == "watched"
+        assert [e for e, _ in wb.curve("epoch/loss", "epoch")] == [1, 2, 3]
+        assert [v for _, v in wb.curve("epoch/loss", "epoch")] == \
+            pytest.approx([e.value for e in acc.Scalars("epoch/loss")])
+        assert [s for s, _ in wb.curve("loss/total", "global_step")] == \
+            [e.step for e in acc.Scalars("loss/total")]
+        assert any("hierarchy/prototype_tree" in row for row in wb.rows)
+        assert wb.config["hirl"]["num_clusters"] == [12, 4]
 
     status = run_status.read_status(str(run))
     assert status["state"] == "finished" and status["epoch"] == 3

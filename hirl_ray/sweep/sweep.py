@@ -27,6 +27,7 @@ from hirl_ray.sweep.sampling import (
 )
 from hirl_ray.sweep.space import TUNE_SECTION, TuneConfig, tune_spec
 from hirl_ray.train.mlflow_log import check_mlflow
+from hirl_ray.train.wandb_log import check_wandb
 
 #: The keys that set one trial's resources (named when this machine cannot meet them).
 TRIAL_RESOURCE_KEYS = {"workers": "tune.resources.workers_per_trial",
@@ -90,6 +91,7 @@ def plan_sweep(config_or_path: Any, overrides: Mapping[str, Any] | Iterable[str]
                                                           cfg.eval.protocols)),
                           TRIAL_RESOURCE_KEYS)
     check_mlflow(cfg)  # observe.mlflow: one MLflow run per trial
+    check_wandb(cfg)  # observe.wandb: one W&B run per trial
     sweep_dir = Path(storage.resolve(cfg.run_dir))
     started = LAYOUT.tune_dir(sweep_dir).exists()
     if resume and not started:

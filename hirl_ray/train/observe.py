@@ -9,7 +9,8 @@ step, never once per step). What it shows:
   ``train.progress_every_steps`` steps) — step, samples/s, loss terms, lr, hierarchy state, ETA
   of the epoch and of the run — or, given a tqdm-like ``bar``, that line as the bar's
   description (a Ray worker's output is never a terminal: the worker uses lines);
-* boards — TensorBoard (``observe.tensorboard``) and an MLflow run (``observe.mlflow``):
+* boards — TensorBoard (``observe.tensorboard``), an MLflow run (``observe.mlflow``) and a
+  W&B run (``observe.wandb``):
   step scalars every ``observe.every_steps`` steps, epoch scalars, the prototype tree at every
   new hierarchy version, the same to each;
 * a metrics sink (the Ray metrics of :mod:`hirl_ray.train.ray_metrics`), injected;
@@ -39,9 +40,9 @@ Sink = Callable[[Mapping[str, float]], None]
 
 class Board(Protocol):
     """Where curves go: :class:`~hirl_ray.train.tensorboard.TensorBoardLog`,
-    :class:`~hirl_ray.train.mlflow_log.MlflowLog`."""
+    :class:`~hirl_ray.train.mlflow_log.MlflowLog`, :class:`~hirl_ray.train.wandb_log.WandbLog`."""
 
-    kind: str  # status.json key of ``target`` ("tensorboard", "mlflow")
+    kind: str  # status.json key of ``target`` ("tensorboard", "mlflow", "wandb")
     target: str  # where to look (a folder, a tracking URI and run id)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None: ...
@@ -277,7 +278,7 @@ class RunObserver:
 
     def close(self, state: str = "finished") -> None:
         """Close the bar and the boards; ``state``: how the fit ended (finished, stopped,
-        failed), which an MLflow run records."""
+        failed), which MLflow and W&B runs record."""
         if self._bar is not None:
             self._bar.close()
         for board in self.boards:

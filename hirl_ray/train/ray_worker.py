@@ -10,7 +10,9 @@ rebuilds, checkpoint + report) below.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -155,6 +157,9 @@ def worker_config(cfg: ExperimentConfig, actor_name: str, run_dir: str,
     """
     return {"config": cfg.to_dict(), "modules": registering_modules(cfg),
             "actor_name": actor_name, "run_dir": run_dir, "stop_flag": stop_flag,
+            # The driver's WANDB_MODE (what check_wandb checked): rank 0 may run on a node
+            # without it, and an air-gapped cluster must not try to go online there.
+            "wandb_mode": os.environ.get("WANDB_MODE") if cfg.observe.wandb else None,
             # In a list: a ref nested in the config is passed on, not resolved.
             "train_source": [train_source]}
 
@@ -166,25 +171,36 @@ TREE_SAMPLES = 2048
 
 
 def make_observer(run: WorkerRun, worker_cfg: dict[str, Any]) -> RunObserver:
-    """Rank 0's progress display, TensorBoard log, MLflow run, Ray metrics and status."""
+    """Rank 0's progress display, TensorBoard log, MLflow and W&B runs, Ray metrics and status."""
     cfg = run.cfg
     # Plain lines, which Ray forwards to the driver's console: a worker's stdout is never a
     # terminal, and Ray's tqdm_ray bar did not reach the driver from a Train V2 worker (tried).
     boards: list[Board] = []
     if cfg.observe.tensorboard:
         boards.append(TensorBoardLog(worker_cfg["run_dir"]))
+    # Optional trackers, checked on the driver before Ray; a server or key gone since costs
+    # a warning, never the run.
     if cfg.observe.mlflow:
         from hirl_ray.train.mlflow_log import MlflowLog  # the optional mlflow package
 
-        try:  # checked on the driver before Ray; a server gone since costs a warning
-            boards.append(MlflowLog(cfg, worker_cfg["run_dir"]))
-        except Exception as e:  # noqa: BLE001 - never the run
-            log.warning("MLflow: no run for this fit (%s: %s)", type(e).__name__,
-                        redact_text(str(e))[:200])
+        _add_board(boards, "MLflow", lambda: MlflowLog(cfg, worker_cfg["run_dir"]))
+    if cfg.observe.wandb:
+        from hirl_ray.train.wandb_log import WandbLog  # the optional wandb package
+
+        _add_board(boards, "W&B", lambda: WandbLog(cfg, worker_cfg["run_dir"],
+                                                   mode=worker_cfg.get("wandb_mode")))
     sink = TrainMetrics(cfg.storage.name) if cfg.observe.ray_metrics else None
     return RunObserver(cfg, worker_cfg["run_dir"], world=run.world, sink=sink,
                        boards=boards,
                        hierarchy=lambda: hierarchy_state(run.hierarchy, cfg.hirl.enabled))
+
+
+def _add_board(boards: list[Board], name: str, make: Callable[[], Board]) -> None:
+    try:
+        boards.append(make())
+    except Exception as e:  # noqa: BLE001 - a tracker never stops the run
+        log.warning("%s: no run for this fit (%s: %s)", name, type(e).__name__,
+                    redact_text(str(e))[:200])
 
 
 def observe_epoch(run: WorkerRun, actor: Any, stats: EpochStats, step: int,
