@@ -87,6 +87,9 @@ def test_the_observer_writes_step_and_epoch_scalars_the_tree_and_the_redacted_co
     assert run.data.metrics["hierarchy/level0/clusters"] == 6
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "hierarchy")]
     assert artifacts == ["hierarchy/prototype_tree_v0001.png"]
+    # Beside the sqlite file, not in ./mlruns of whichever process logged it.
+    assert [p.name for p in (tmp_path / "mlartifacts").rglob("*.png")] == \
+        ["prototype_tree_v0001.png"]
     # The config as parameters, secrets redacted (in the parameters and the tags).
     params = run.data.params
     assert params["hirl.num_clusters"] == json.dumps(list(cfg.hirl.num_clusters))

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hirl_ray import storage
@@ -63,13 +64,23 @@ def check_mlflow(cfg: ExperimentConfig) -> None:
                           "observe.mlflow=false") from None
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an sqlite store's file
+    (``<folder>/mlartifacts``); a server decides for itself (``None``). MLflow's own default
+    for a database store is ``./mlruns``, relative to each Ray worker's working folder."""
+    if uri.startswith("sqlite:////"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def experiment_id(client: Any, name: str) -> str:
     """The id of experiment ``name``, created when missing (two ranks or trials may race)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_root(
+            client.tracking_uri))
     except Exception:  # noqa: BLE001 - created meanwhile by another trial
         found = client.get_experiment_by_name(name)
         if found is None:
