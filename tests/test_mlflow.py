@@ -17,11 +17,10 @@ import torch
 from hirl_ray.config import ConfigError, load_config
 from hirl_ray.logs import REDACTED
 from hirl_ray.runs import LAYOUT
-from hirl_ray.train.loop import EpochStats, StepView
 from hirl_ray.train.mlflow_log import MlflowLog, check_mlflow, flat_params
 from hirl_ray.train.observe import RunObserver
 
-from .test_observe import FakeClock, _hierarchy
+from .test_observe import FakeClock, _hierarchy, _stats, _step
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -32,17 +31,6 @@ def _cfg(tmp_path, name="run", **overrides):
                               "observe.mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db",
                               "observe.tensorboard": False, **overrides})
 
-
-def _step(i: int, loss: float) -> StepView:
-    return StepView(epoch=0, step=i, steps=i, steps_per_epoch=4, total_steps=8, samples=8 * i,
-                    losses=torch.tensor([loss, loss - 0.5, 0.5]), semantic=True, lr=0.05,
-                    data_s=0.1, compute_s=0.4, grad_norm=torch.tensor(2.0))
-
-
-def _stats(epoch: int) -> EpochStats:
-    return EpochStats(epoch=epoch, loss=1.5, method_loss=1.0, semantic_loss=0.5,
-                      semantic_steps=4, steps=4, samples=32, seconds=4.0, lr=0.05,
-                      hierarchy_version=1)
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:

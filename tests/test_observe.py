@@ -135,6 +135,19 @@ def test_on_a_terminal_a_bar_counts_steps_and_shows_the_line(tmp_path):
     assert bar.closed
 
 
+def _step(i: int, loss: float) -> StepView:
+    """Step ``i`` of a 4-step epoch (the trackers' tests)."""
+    return StepView(epoch=0, step=i, steps=i, steps_per_epoch=4, total_steps=8, samples=8 * i,
+                    losses=torch.tensor([loss, loss - 0.5, 0.5]), semantic=True, lr=0.05,
+                    data_s=0.1, compute_s=0.4, grad_norm=torch.tensor(2.0))
+
+
+def _stats(epoch: int) -> EpochStats:
+    return EpochStats(epoch=epoch, loss=1.5, method_loss=1.0, semantic_loss=0.5,
+                      semantic_steps=4, steps=4, samples=32, seconds=4.0, lr=0.05,
+                      hierarchy_version=1)
+
+
 def _hierarchy():
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1)

@@ -154,28 +154,21 @@ def _coverage(run_dir: str) -> list[tuple[int, int, int]]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_ray_data_fit_sees_every_index_once_per_epoch_and_learns_like_the_torch_loader(
-        tmp_path):
-    ray_data = hirl_ray.fit(None, tiny_config(tmp_path, **FIT, **{
-        "data.loader": "ray_data", "storage.name": "ray_data"}))
+def test_ray_data_fit_sees_every_index_once_per_epoch_and_learns(tmp_path):
+    result = hirl_ray.fit(None, tiny_config(tmp_path, **FIT, **{"data.loader": "ray_data"}))
     # Counted from the (views, index) batches every rank trained on, summed over the ranks.
-    assert _coverage(ray_data.run_dir) == [(1, 0, 0), (2, 0, 0)]
-    metas = [read_meta(p) for p in find_checkpoints(ray_data.run_dir)]
+    assert _coverage(result.run_dir) == [(1, 0, 0), (2, 0, 0)]
+    metas = [read_meta(p) for p in find_checkpoints(result.run_dir)]
     assert metas[0].step == 6 and metas[1].step == 12  # train.batch_size / 2 per worker
     assert metas[1].hierarchy_version >= 1  # the clustering pass ran on the Ray Data path
-    torch_run = hirl_ray.fit(None, tiny_config(tmp_path, **FIT, **{"storage.name": "torch"}))
-    assert _coverage(torch_run.run_dir) == [(1, 0, 0), (2, 0, 0)]  # 192 = 2 x 6 x 16
-    # Same seed, epochs and initial weights; the data order and the augmentation draws differ
-    # (the views have the same statistics: mean, std, view-pair distance). Measured at this
-    # 12-step scale, superclass kNN ray_data vs torch: 0.75 vs 0.95 (seed 0), 0.88 vs 0.98
-    # (seed 1), 0.77 vs 0.94 (seed 2), random init 0.80 / 0.77; the binomial standard error
-    # alone (480 test images) is <= 0.032 on the difference. The gap is systematic and not
-    # explained yet (README, "Input pipeline: Ray Data"): 0.25 only catches a broken path,
-    # it does NOT establish that ray_data trains as well as the torch loader.
-    for level in ("superclass", "class"):
-        a, b = ray_data.metrics[f"knn_acc/{level}"], torch_run.metrics[f"knn_acc/{level}"]
-        assert abs(a - b) <= 0.25, (level, a, b)
-    assert ray_data.metrics["knn_acc/superclass"] > 0.25 + 0.3  # 4 superclasses: chance 0.25
+    assert metas[1].metrics["semantic_loss"] > 0  # HIRL trained on the streamed indices
+    # It learns: the SSL loss falls from the first epoch to the second, and kNN is far above
+    # chance (12 classes: 0.083). Whether it learns as well as the torch loader is measured over
+    # paired seeds by experiments/evidence/loaders.py (README "Input pipeline: Ray Data"): one
+    # 12-step fit is too noisy to tell (superclass kNN of either loader spans 0.73-0.99 over
+    # seeds, and swapping the two loaders' batch sequences swaps their results exactly).
+    assert metas[1].metrics["ssl_loss"] < metas[0].metrics["ssl_loss"]
+    assert result.metrics["knn_acc/class"] > 0.2
 
 
 @pytest.mark.slow

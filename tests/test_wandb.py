@@ -23,11 +23,10 @@ from hirl_ray.eval.plots import prototype_tree_figure
 from hirl_ray.logs import REDACTED
 from hirl_ray.runs import LAYOUT
 from hirl_ray.status import format_status
-from hirl_ray.train.loop import EpochStats, StepView
 from hirl_ray.train.observe import RunObserver
 from hirl_ray.train.wandb_log import WandbLog, check_wandb
 
-from .test_observe import FakeClock, _hierarchy
+from .test_observe import FakeClock, _hierarchy, _stats, _step
 
 wandb = pytest.importorskip("wandb")
 torch.set_num_threads(1)
@@ -122,17 +121,6 @@ def _cfg(tmp_path, name="run", **overrides):
                               "train.epochs": 4, "observe.every_steps": 2, "observe.wandb": True,
                               "observe.tensorboard": False, **overrides})
 
-
-def _step(i: int, loss: float) -> StepView:
-    return StepView(epoch=0, step=i, steps=i, steps_per_epoch=4, total_steps=8, samples=8 * i,
-                    losses=torch.tensor([loss, loss - 0.5, 0.5]), semantic=True, lr=0.05,
-                    data_s=0.1, compute_s=0.4, grad_norm=torch.tensor(2.0))
-
-
-def _stats(epoch: int) -> EpochStats:
-    return EpochStats(epoch=epoch, loss=1.5, method_loss=1.0, semantic_loss=0.5,
-                      semantic_steps=4, steps=4, samples=32, seconds=4.0, lr=0.05,
-                      hierarchy_version=1)
 
 
 def test_the_observer_writes_step_and_epoch_scalars_the_tree_and_the_redacted_config(

@@ -22,6 +22,7 @@ from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig
 from hirl_ray.logs import get_logger, redact, redact_text
 from hirl_ray.runs import LAYOUT
+from hirl_ray.train.observe import Tracker, curve_values
 
 log = get_logger(__name__)
 
@@ -100,7 +101,7 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-class MlflowLog:
+class MlflowLog(Tracker):
     """One MLflow run of a fit; the :class:`~hirl_ray.train.observe.Board` interface.
 
     Args:
@@ -108,7 +109,7 @@ class MlflowLog:
         run_dir: The run folder; ``mlflow.json`` there names the MLflow run to continue.
     """
 
-    kind = "mlflow"
+    kind, name = "mlflow", "MLflow"
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str) -> None:
         from mlflow import MlflowClient
@@ -127,7 +128,6 @@ class MlflowLog:
             storage.write_text(LAYOUT.mlflow_file(run_dir),
                                json.dumps({"run_id": self.run_id, "experiment_id": exp}))
         self.target = f"{redact_text(uri)} run {self.run_id}"
-        self._warned = False
 
     def _continue(self, run_dir: str) -> str | None:
         """The run id of an earlier attempt of this fit on this server, reopened."""
@@ -150,24 +150,12 @@ class MlflowLog:
         for i in range(0, len(items), MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS])
 
-    def _safely(self, what: str, fn: Any, *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - a tracker never stops training
-            if not self._warned:
-                log.warning("MLflow: could not log %s (%s: %s); training goes on, later "
-                            "values are tried again", what, type(e).__name__,
-                            redact_text(str(e))[:200])
-                self._warned = True
-
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """``values`` at ``step`` in one request; non-finite and non-numbers are left out."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(tag, float(v), now, int(step)) for tag, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and v == v and abs(v) != float("inf")]
+        metrics = [Metric(tag, v, now, int(step)) for tag, v in curve_values(values).items()]
         for i in range(0, len(metrics), MAX_METRICS):
             self._safely("metrics", lambda batch: self.client.log_batch(
                 self.run_id, metrics=batch), metrics[i:i + MAX_METRICS])

@@ -30,12 +30,37 @@ import torch
 from hirl_ray import status as run_status
 from hirl_ray.config import ExperimentConfig
 from hirl_ray.hierarchy import PrototypeHierarchy
-from hirl_ray.logs import get_logger
+from hirl_ray.logs import get_logger, redact_text
 from hirl_ray.train.loop import EpochStats, StepView
 
 log = get_logger(__name__)
 
 Sink = Callable[[Mapping[str, float]], None]
+
+
+def curve_values(values: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``values`` (booleans, NaN, infinities and text are not curves)."""
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v == v and abs(v) != float("inf")}
+
+
+class Tracker:
+    """Base of the optional trackers' boards (MLflow, W&B): a call that fails costs one
+    warning per board, never the run; later calls are tried again."""
+
+    name = "tracker"
+    _warned = False
+
+    def _safely(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a tracker never stops training
+            if not self._warned:
+                log.warning("%s: could not log %s (%s: %s); training goes on, later values are "
+                            "tried again", self.name, what, type(e).__name__,
+                            redact_text(str(e))[:200])
+                self._warned = True
 
 
 class Board(Protocol):

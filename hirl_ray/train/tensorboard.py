@@ -19,6 +19,7 @@ from typing import Any
 from hirl_ray import storage
 from hirl_ray.logs import get_logger
 from hirl_ray.runs import LAYOUT
+from hirl_ray.train.observe import curve_values
 
 log = get_logger(__name__)
 
@@ -39,11 +40,8 @@ class TensorBoardLog:
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """``values`` as scalars at ``step``; non-finite and non-numbers are left out."""
-        for tag, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if value == value and abs(value) != float("inf"):
-                self.writer.add_scalar(tag, float(value), step)
+        for tag, value in curve_values(values).items():
+            self.writer.add_scalar(tag, value, step)
 
     def figure(self, tag: str, figure: Any, step: int) -> None:
         """A matplotlib figure as an image (the caller closes it)."""

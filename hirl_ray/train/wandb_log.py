@@ -25,6 +25,7 @@ from hirl_ray import storage
 from hirl_ray.config import ConfigError, ExperimentConfig
 from hirl_ray.logs import get_logger, redact, redact_text
 from hirl_ray.runs import LAYOUT
+from hirl_ray.train.observe import Tracker, curve_values
 
 log = get_logger(__name__)
 
@@ -84,14 +85,7 @@ def check_wandb(cfg: ExperimentConfig) -> None:
                       "later, or set observe.wandb=false")
 
 
-def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    """Finite numbers only (booleans and NaN are not curves, as for MLflow)."""
-    return {k: float(v) for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and v == v and abs(v) != float("inf")}
-
-
-class WandbLog:
+class WandbLog(Tracker):
     """One W&B run of a fit; the :class:`~hirl_ray.train.observe.Board` interface.
 
     Args:
@@ -102,7 +96,7 @@ class WandbLog:
             W&B's own settings here.
     """
 
-    kind = "wandb"
+    kind, name = "wandb", "W&B"
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str, mode: str | None = None) -> None:
         import wandb
@@ -131,16 +125,6 @@ class WandbLog:
         self.target = (f"offline {self.run.settings.sync_dir} (upload: wandb sync "
                        f"{self.run.settings.sync_dir})" if offline else
                        f"{self.run.url or ''} run {self.run_id}".strip())
-        self._warned = False
-
-    def _safely(self, what: str, fn: Any, *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - a tracker never stops training
-            if not self._warned:
-                log.warning("W&B: could not log %s (%s: %s); training goes on, later values "
-                            "are tried again", what, type(e).__name__, redact_text(str(e))[:200])
-                self._warned = True
 
     def _declare(self, names: Any, axis: str) -> None:
         for name in names:
@@ -155,7 +139,7 @@ class WandbLog:
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """``values`` at ``step``: epoch scalars (``epoch/*``, ``hierarchy/*``, ``rebuild/*``)
         against ``epoch``, the others against ``global_step``; non-finite values left out."""
-        numbers = _numbers(values)
+        numbers = curve_values(values)
         per_epoch = {k: v for k, v in numbers.items() if k.startswith(EPOCH_PREFIXES)}
         per_step = {k: v for k, v in numbers.items() if k not in per_epoch}
         if per_epoch:
