@@ -34,10 +34,10 @@ def actor_seed(seed: int) -> int:
 
     Each actor then draws its crops and jitters from one continuous stream, as a DataLoader
     worker does. An earlier version reseeded before every batch from the batch's indices
-    (reproducible draws); over 8 paired seeds it trained worse than the torch loader
-    (superclass kNN 0.86 vs 0.96, 4 seeds far below every torch run; README "Input pipeline:
-    Ray Data"), and continuous streams closed the gap. Reproducibility was partial anyway: which
-    rows share a batch, and which worker trains on them, depends on Ray Data's scheduling.
+    (reproducible draws); over 8 paired seeds it trained worse than the torch loader, and
+    worse than this (class kNN −0.047 vs −0.017, superclass −0.107 vs −0.074; README "Input
+    pipeline: Ray Data"). Reproducibility was partial anyway: which rows share a batch, and
+    which worker trains on them, depends on Ray Data's scheduling.
     """
     state = np.random.SeedSequence([int(seed) & (2**63 - 1), uuid.uuid4().int]).generate_state(2)
     return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
