@@ -36,7 +36,7 @@ FIT = {"data.train_per_class": 8, "data.test_per_class": 20, "train.epochs": 2,
        "train.batch_size": 32, "train.num_workers": 2,
        # Rebuilds in step with training: with hirl.async_rebuild=true (the default) the steps
        # that train with the new hierarchy depend on wall time, and a Ray Data epoch here takes
-       # 20x longer than a torch loader's, so the two loaders would train different mixes.
+       # 20-50x longer than a torch loader's, so the two loaders would train different mixes.
        "hirl.async_rebuild": False}
 LEVELS = ("subclass", "class", "superclass")
 
