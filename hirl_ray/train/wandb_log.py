@@ -93,7 +93,8 @@ class WandbLog(Tracker):
         run_dir: The run folder: ``wandb.json`` there names the W&B run to continue; W&B's
             local files go under it (a temporary folder when the run folder is remote).
         mode: ``online``/``offline``/``disabled`` (the driver's ``WANDB_MODE``); ``None``:
-            W&B's own settings here.
+            W&B's own settings, read fresh (its process-wide copy keeps the environment of its
+            first use).
     """
 
     kind, name = "wandb", "W&B"
@@ -109,7 +110,8 @@ class WandbLog(Tracker):
         self.run = wandb.init(
             project=cfg.observe.wandb_project, entity=cfg.observe.wandb_entity or None,
             name=redact_text(cfg.storage.name), config=redact(cfg.to_dict()),
-            tags=[cfg.method.name], dir=local, id=saved.get("run_id"), resume="allow", mode=mode,
+            tags=[cfg.method.name], dir=local, id=saved.get("run_id"), resume="allow",
+            mode=mode or wandb_settings().mode,  # W&B's process-wide settings may be stale
             reinit="create_new",  # one run per fit, even with another open in this process
             settings=wandb.Settings(console="off"))  # rank 0's output already reaches Ray's log
         self.run_id = self.run.id
