@@ -7,6 +7,7 @@ then 2-worker fits on the built-in set (against the torch loader) and on an S3 i
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import boto3
@@ -165,12 +166,13 @@ def test_ray_data_fit_sees_every_index_once_per_epoch_and_learns(tmp_path):
     assert metas[0].step == 6 and metas[1].step == 12  # train.batch_size / 2 per worker
     assert metas[1].hierarchy_version >= 1  # the clustering pass ran on the Ray Data path
     assert metas[1].metrics["semantic_loss"] > 0  # HIRL trained on the streamed indices
-    # It learns: the SSL loss falls from the first epoch to the second, and kNN is far above
-    # chance (12 classes: 0.083). Whether it learns as well as the torch loader is measured over
-    # paired seeds by experiments/evidence/loaders.py (README "Input pipeline: Ray Data"): one
-    # 12-step fit is too noisy to tell (superclass kNN of either loader spans 0.73-0.99 over
-    # seeds, and swapping the two loaders' batch sequences swaps their results exactly).
-    assert metas[1].metrics["ssl_loss"] < metas[0].metrics["ssl_loss"]
+    # The views pair up: SimCLR's loss over the global batch of 32 (63 candidates per anchor)
+    # is ln 63 = 4.14 for embeddings that tell no pair apart, as with views of mismatched images;
+    # the first epoch's mean was 3.5-3.84 over 20 runs of both loaders. kNN far above chance
+    # (12 classes: 0.083). Whether it learns as well as the torch loader is measured over paired
+    # seeds by experiments/evidence/loaders.py (README "Input pipeline: Ray Data"): one 12-step
+    # fit is too noisy to tell (superclass kNN of either loader spans 0.73-0.99 over seeds).
+    assert metas[0].metrics["ssl_loss"] < math.log(63) - 0.2
     assert result.metrics["knn_acc/class"] > 0.2
 
 
