@@ -39,8 +39,8 @@ def actor_seed(seed: int) -> int:
     pipeline: Ray Data"). Reproducibility was partial anyway: which rows share a batch, and
     which worker trains on them, depends on Ray Data's scheduling.
     """
-    state = np.random.SeedSequence([int(seed) & (2**63 - 1), uuid.uuid4().int]).generate_state(2)
-    return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
+    entropy = np.random.SeedSequence([int(seed) & (2**63 - 1), uuid.uuid4().int])
+    return int(entropy.generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 class DecodeViews:

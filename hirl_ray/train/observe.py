@@ -294,9 +294,11 @@ class RunObserver:
 
         try:
             figure = tree(hierarchy)
-            for board in self.boards:
-                board.figure("hierarchy/prototype_tree", figure, hierarchy.version)
-            plt.close(figure)
+            try:
+                for board in self.boards:
+                    board.figure("hierarchy/prototype_tree", figure, hierarchy.version)
+            finally:
+                plt.close(figure)  # also when a board failed: figures stay open until closed
             self._drawn_version = hierarchy.version
         except Exception as e:  # noqa: BLE001 - a picture never stops training
             log.warning("could not draw the prototype tree: %s", e)
