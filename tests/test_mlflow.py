@@ -7,7 +7,6 @@ the Ray fit that writes one is in ``test_observe_ray.py``.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 
@@ -20,7 +19,7 @@ from hirl_ray.runs import LAYOUT
 from hirl_ray.train.mlflow_log import MlflowLog, check_mlflow, flat_params
 from hirl_ray.train.observe import RunObserver
 
-from .test_observe import FakeClock, _hierarchy, _stats, _step
+from .test_observe import FakeClock, _hierarchy, _stats, _step, _warnings_while_down
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -113,16 +112,9 @@ def test_a_resumed_fit_continues_its_mlflow_run(tmp_path):
 def test_a_failing_tracking_server_costs_one_warning_not_the_run(tmp_path, monkeypatch, caplog):
     cfg = _cfg(tmp_path)
     board = MlflowLog(cfg, cfg.run_dir)
-
-    def down(*args, **kwargs):
-        raise ConnectionError("tracking server went away")
-
-    monkeypatch.setattr(board.client, "log_batch", down)
-    with caplog.at_level(logging.WARNING):
-        for step in range(1, 4):
-            board.scalars({"loss/total": 1.0}, step)  # does not raise
-    warned = [r for r in caplog.records if "MLflow: could not log metrics" in r.getMessage()]
-    assert len(warned) == 1 and "training goes on" in warned[0].getMessage()
+    warned = _warnings_while_down(board, board.client, "log_batch", {"loss/total": 1.0},
+                                  monkeypatch, caplog, "MLflow: could not log metrics")
+    assert len(warned) == 1 and "training goes on" in warned[0]
 
 
 def test_flat_params_of_a_nested_config():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -146,6 +147,20 @@ def _stats(epoch: int) -> EpochStats:
     return EpochStats(epoch=epoch, loss=1.5, method_loss=1.0, semantic_loss=0.5,
                       semantic_steps=4, steps=4, samples=32, seconds=4.0, lr=0.05,
                       hierarchy_version=1)
+
+
+def _warnings_while_down(board, owner, attr: str, values: dict, monkeypatch, caplog,
+                         message: str) -> list[str]:
+    """A tracker board whose client call ``owner.attr`` always fails, given ``values`` at steps
+    1-3: the warnings logged that contain ``message``. Restores ``owner.attr`` after."""
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server went away")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(owner, attr, down)
+        for step in range(1, 4):
+            board.scalars(values, step)  # does not raise
+    return [r.getMessage() for r in caplog.records if message in r.getMessage()]
 
 
 def _hierarchy():

@@ -8,7 +8,6 @@ one is in ``test_observe_ray.py``.
 from __future__ import annotations
 
 import json
-import logging
 import struct
 import sys
 import zlib
@@ -26,7 +25,7 @@ from hirl_ray.status import format_status
 from hirl_ray.train.observe import RunObserver
 from hirl_ray.train.wandb_log import WandbLog, check_wandb
 
-from .test_observe import FakeClock, _hierarchy, _stats, _step
+from .test_observe import FakeClock, _hierarchy, _stats, _step, _warnings_while_down
 
 wandb = pytest.importorskip("wandb")
 torch.set_num_threads(1)
@@ -201,18 +200,10 @@ def test_a_resumed_fit_continues_its_wandb_run(tmp_path):
 def test_a_failing_log_costs_one_warning_not_the_run(tmp_path, monkeypatch, caplog):
     cfg = _cfg(tmp_path)
     board = WandbLog(cfg, cfg.run_dir)
-
-    def down(*args, **kwargs):
-        raise ConnectionError("W&B went away")
-
-    monkeypatch.setattr(board.run, "log", down)
-    with caplog.at_level(logging.WARNING):
-        for step in range(1, 4):
-            board.scalars({"loss/total": 1.0, "epoch/loss": 1.0}, step)  # does not raise
-    monkeypatch.undo()
+    warned = _warnings_while_down(board, board.run, "log", {"loss/total": 1.0, "epoch/loss": 1.0},
+                                  monkeypatch, caplog, "W&B: could not log metrics")
     board.close("finished")
-    warned = [r for r in caplog.records if "W&B: could not log metrics" in r.getMessage()]
-    assert len(warned) == 1 and "training goes on" in warned[0].getMessage()
+    assert len(warned) == 1 and "training goes on" in warned[0]
 
 
 def test_checks_before_ray_name_the_key(tmp_path, monkeypatch):
